@@ -1,0 +1,81 @@
+"""The one interface every attention variant shares.
+
+A variant is a TokenMixer: the same qkv projection, output projection and optional local-context
+conv (LePE), so at equal width all variants have the same parameters and differ only in `mix`, the
+choice of keys each query sees. Inputs and outputs are channels-last (B, H, W, C).
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+SCALE_MODES = ("head", "dim")
+LEPE_SOURCES = ("v", "input")
+
+
+class TokenMixer(nn.Module):
+    """Shared projections + LePE around a pattern-specific `mix`.
+
+    Constructor vocabulary (identical for every variant; a variant ignores what it does not use):
+      dim, num_heads        width and heads (dim must divide by heads)
+      n_win                 regions / windows / grid groups per side (bra, window, shifted_window, dilated, axial)
+      topk                  routed regions per query region (bra)
+      stripe_width          stripe width in tokens (axial; default: the region edge, ceil(H / n_win))
+      qkv_bias              bias of the qkv projection
+      lepe_kernel           depthwise conv kernel of the local-context term; 0 disables it
+      lepe_source           'v' (BiFormer's routing layers) or 'input' (the legacy global stage)
+      scale_mode            'head': head_dim ** -0.5; 'dim': dim ** -0.5 (the original BiFormer's quirk)
+      backend               implementation choice where a variant has several ('auto' picks)
+    """
+
+    kind = "base"
+
+    def __init__(self, dim: int, num_heads: int, n_win: int = 7, topk: int = 4,
+                 stripe_width: Optional[int] = None, qkv_bias: bool = True, lepe_kernel: int = 5,
+                 lepe_source: str = "v", scale_mode: str = "head", backend: str = "auto"):
+        super().__init__()
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        if scale_mode not in SCALE_MODES:
+            raise ValueError(f"scale_mode={scale_mode!r}; allowed: {', '.join(SCALE_MODES)}")
+        if lepe_source not in LEPE_SOURCES:
+            raise ValueError(f"lepe_source={lepe_source!r}; allowed: {', '.join(LEPE_SOURCES)}")
+        if lepe_kernel < 0 or (lepe_kernel and lepe_kernel % 2 == 0):
+            raise ValueError(f"lepe_kernel={lepe_kernel}; allowed: 0 (off) or an odd size")
+        if n_win < 1:
+            raise ValueError(f"n_win={n_win}; allowed: >= 1")
+        self.dim, self.num_heads, self.n_win, self.topk = dim, num_heads, n_win, topk
+        self.stripe_width = stripe_width
+        self.lepe_source = lepe_source
+        self.scale_mode = scale_mode
+        self.backend = backend
+        self.scale = (dim if scale_mode == "dim" else dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.lepe = nn.Conv2d(dim, dim, lepe_kernel, padding=lepe_kernel // 2, groups=dim) if lepe_kernel else None
+        # Visualisation hook: when `capture` is set, `mix` stores what it routed in `captured`.
+        # Off by default, so training pays nothing for it.
+        self.capture = False
+        self.captured: Optional[dict] = None
+
+    def check_input(self, h: int, w: int) -> None:
+        """Variants override to reject feature maps they cannot handle (raise ValueError)."""
+
+    def mix(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3C) packed queries, keys, values -> (B, H, W, C) attention output."""
+        raise NotImplementedError
+
+    def local_context(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        self.check_input(h, w)
+        qkv = self.qkv(x)
+        out = self.mix(qkv)
+        if self.lepe is not None:
+            out = out + self.local_context(qkv[..., 2 * c:] if self.lepe_source == "v" else x)
+        return self.proj(out)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, dim={self.dim}, heads={self.num_heads}, scale_mode={self.scale_mode}"

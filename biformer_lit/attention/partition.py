@@ -1,0 +1,73 @@
+"""Shared machinery of the partitioned attention patterns: padding to whole groups, group layouts, SDPA.
+
+Tensors are channels-last (B, H, W, C). A pattern pads H, W up to whole groups; padded tokens never
+serve as keys (they are masked), and their query outputs are cropped away.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+
+def grid_cells(size: int, n: int) -> Tuple[int, int]:
+    """Cell edge and padded size when `size` tokens are cut into `n` equal cells (last ones may be padding)."""
+    cell = math.ceil(size / n)
+    return cell, cell * n
+
+
+def pad_hw(x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
+    """Zero-pad a (B, H, W, C) map on the bottom/right to (B, hp, wp, C)."""
+    h, w = x.shape[1:3]
+    if (h, w) == (hp, wp):
+        return x
+    return F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
+
+
+def valid_map(h: int, w: int, hp: int, wp: int, device) -> Optional[torch.Tensor]:
+    """(hp, wp) bool map of real (not padded) tokens, or None when nothing is padded."""
+    if (h, w) == (hp, wp):
+        return None
+    valid = torch.zeros(hp, wp, dtype=torch.bool, device=device)
+    valid[:h, :w] = True
+    return valid
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(G, T, C) -> (G, heads, T, C/heads) as a strided view: SDPA reads it without a copy."""
+    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(G, heads, T, d) -> (G, T, heads*d)."""
+    return x.transpose(1, 2).flatten(2)
+
+
+def sdpa(q, k, v, scale: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q, k, v: (G, heads, T, d) views; mask broadcastable to (G, heads, Tq, Tk), True = may attend."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def grouped_attention(qkv, num_heads: int, scale: float, pattern: str, sizes: dict,
+                      valid: Optional[torch.Tensor] = None, pair_mask: Optional[torch.Tensor] = None):
+    """Attention inside the groups of an einops `pattern` mapping (b, H, W, c) -> (b g) t c.
+
+    qkv: (b, H, W, 3C) packed, already padded to whole groups. `valid` (H, W) marks real tokens
+    (padded keys are masked); `pair_mask` (g, t, t) adds a per-group query/key mask (shifted
+    windows). Returns (b, H, W, C).
+    """
+    b = qkv.shape[0]
+    qg, kg, vg = rearrange(qkv, pattern, **sizes).chunk(3, dim=-1)
+    mask = None
+    if valid is not None:
+        key_ok = rearrange(valid[None, ..., None], pattern, **sizes)[..., 0]  # (g, t)
+        mask = key_ok[:, None, None, :]
+    if pair_mask is not None:
+        pm = pair_mask[:, None]
+        mask = pm if mask is None else (mask & pm)
+    if mask is not None and mask.shape[0] != qg.shape[0]:
+        mask = mask.repeat(b, 1, 1, 1)  # groups are batch-major: (b g)
+    out = sdpa(split_heads(qg, num_heads), split_heads(kg, num_heads), split_heads(vg, num_heads), scale, mask)
+    inverse = " -> ".join(reversed(pattern.split(" -> ")))
+    return rearrange(merge_heads(out), inverse, b=b, **sizes)

@@ -1,0 +1,34 @@
+"""Region-level routing of bi-level routing attention: which key regions each query region attends to.
+
+Routing is non-differentiable by design (topk picks indices; the region summaries are detached, as in
+the original), so gradients flow only through the token-level attention.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+
+def region_means(x: torch.Tensor, valid: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """x: (B, R, T, C) regions; valid: (R, T) real tokens or None. Mean over real tokens -> (B, R, C).
+
+    Also returns (R,) bool of regions holding at least one real token (None without padding).
+    """
+    if valid is None:
+        return x.mean(dim=2), None
+    count = valid.sum(-1)  # (R,)
+    s = (x * valid[None, :, :, None]).sum(dim=2)
+    return s / count.clamp(min=1)[None, :, None].to(x.dtype), count > 0
+
+
+def route(q_regions: torch.Tensor, k_regions: torch.Tensor, topk: int,
+          nonempty: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-k key regions for every query region.
+
+    q_regions, k_regions: (B, R, C) region summaries. Returns (affinity (B, R, R), index (B, R, topk)),
+    index in torch.topk order (largest affinity first). Regions made only of padding are never chosen
+    while a real one is left.
+    """
+    affinity = q_regions.detach() @ k_regions.detach().transpose(-1, -2)
+    if nonempty is not None:
+        affinity = affinity.masked_fill(~nonempty[None, None, :], float("-inf"))
+    return affinity, affinity.topk(topk, dim=-1).indices
