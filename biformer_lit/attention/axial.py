@@ -2,7 +2,7 @@
 import torch
 
 from .base import TokenMixer
-from .partition import grouped_attention, grid_cells, pad_hw, valid_map
+from .partition import grouped_attention, grid_cells, pad_all, valid_map
 from .registry import register_attention
 
 ROW_STRIPES = "b (ns sw) w c -> (b ns) (sw w) c"
@@ -24,20 +24,17 @@ class AxialAttention(TokenMixer):
     def stripe(self, size: int) -> int:
         return min(self.stripe_width, size) if self.stripe_width else grid_cells(size, self.n_win)[0]
 
-    def stripes(self, qkv, pattern: str, axis: int) -> torch.Tensor:
-        h, w = qkv.shape[1:3]
-        sw = self.stripe(qkv.shape[axis])
-        padded = -(-qkv.shape[axis] // sw) * sw
+    def stripes(self, q, k, v, pattern: str, axis: int) -> torch.Tensor:
+        h, w = q.shape[1:3]
+        sw = self.stripe(q.shape[axis])
+        padded = -(-q.shape[axis] // sw) * sw
         hp, wp = (padded, w) if axis == 1 else (h, padded)
         sizes = dict(sw=sw, w=wp) if axis == 1 else dict(sw=sw, h=hp)
-        out = grouped_attention(pad_hw(qkv, hp, wp), self.num_heads // 2, self.scale, pattern, sizes,
-                                valid=valid_map(h, w, hp, wp, qkv.device))
+        out = grouped_attention(*pad_all((q, k, v), hp, wp), self.num_heads // 2, self.scale, pattern, sizes,
+                                valid=valid_map(h, w, hp, wp, q.device))
         return out[:, :h, :w]
 
-    def mix(self, qkv):
-        c = self.dim
-        half = c // 2
-        # channels [0, C/2) of q, k, v go to row stripes, [C/2, C) to column stripes
-        rows = torch.cat([qkv[..., i * c:i * c + half] for i in range(3)], dim=-1)
-        cols = torch.cat([qkv[..., i * c + half:(i + 1) * c] for i in range(3)], dim=-1)
-        return torch.cat([self.stripes(rows, ROW_STRIPES, 1), self.stripes(cols, COL_STRIPES, 2)], dim=-1)
+    def mix(self, q, k, v):
+        # channels [0, C/2) (the first half of the heads) go to row stripes, [C/2, C) to column stripes
+        (qr, qc), (kr, kc), (vr, vc) = (t.chunk(2, dim=-1) for t in (q, k, v))
+        return torch.cat([self.stripes(qr, kr, vr, ROW_STRIPES, 1), self.stripes(qc, kc, vc, COL_STRIPES, 2)], dim=-1)

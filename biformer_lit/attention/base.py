@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 SCALE_MODES = ("head", "dim")
 LEPE_SOURCES = ("v", "input")
@@ -61,9 +62,16 @@ class TokenMixer(nn.Module):
     def check_input(self, h: int, w: int) -> None:
         """Variants override to reject feature maps they cannot handle (raise ValueError)."""
 
-    def mix(self, qkv: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3C) packed queries, keys, values -> (B, H, W, C) attention output."""
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) queries, keys, values -> (B, H, W, C) attention output."""
         raise NotImplementedError
+
+    def project(self, x: torch.Tensor):
+        """q, k, v, each a contiguous (B, H, W, C). The qkv weight (one Linear, as in the released
+        checkpoints) is sliced, not its output: slicing activations would zero-fill a gradient of the
+        whole qkv output per slice in the backward."""
+        w, b = self.qkv.weight.chunk(3), (self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3)
+        return [F.linear(x, wi, bi) for wi, bi in zip(w, b)]
 
     def local_context(self, x: torch.Tensor) -> torch.Tensor:
         return self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -71,10 +79,10 @@ class TokenMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
         self.check_input(h, w)
-        qkv = self.qkv(x)
-        out = self.mix(qkv)
+        q, k, v = self.project(x)
+        out = self.mix(q, k, v)
         if self.lepe is not None:
-            out = out + self.local_context(qkv[..., 2 * c:] if self.lepe_source == "v" else x)
+            out = out + self.local_context(v if self.lepe_source == "v" else x)
         return self.proj(out)
 
     def extra_repr(self) -> str:

@@ -12,18 +12,20 @@ Backends (`backend=`):
              regions x regions x tokens x channels gradient), then fused SDPA. Runs anywhere.
   'flex'     CUDA FlexAttention over the token sequence in region order, with the routing as a block
              mask: no per-query-region key/value copies at all. Needs region sizes FlexAttention can tile.
+  'gather'   the original implementation's algorithm (expand the key/value regions once per query
+             region, torch.gather, explicit softmax attention): the baseline benchmarks compare against.
   'auto'     'flex' on CUDA where it applies, else 'indexed'.
 """
 import torch
 from einops import rearrange
 
 from .base import TokenMixer
-from .partition import grid_cells, merge_heads, pad_hw, sdpa, split_heads, valid_map
+from .partition import grid_cells, merge_heads, pad_all, sdpa, split_heads, valid_map
 from .registry import register_attention
 from .routing import region_means, route
 
 REGIONS = "b (nh rh) (nw rw) c -> b (nh nw) (rh rw) c"
-BACKENDS = ("auto", "indexed", "flex")
+BACKENDS = ("auto", "indexed", "flex", "gather")
 
 
 @register_attention("bra")
@@ -42,52 +44,69 @@ class BiLevelRoutingAttention(TokenMixer):
         rw, wp = grid_cells(w, self.n_win)
         return rh, rw, hp, wp
 
-    def mix(self, qkv):
-        b, h, w, c = qkv.shape
-        c //= 3
+    def mix(self, q, k, v):
+        b, h, w, c = q.shape
         rh, rw, hp, wp = self.regions(h, w)
         sizes = dict(nh=self.n_win, nw=self.n_win, rh=rh, rw=rw)
-        valid = valid_map(h, w, hp, wp, qkv.device)
+        valid = valid_map(h, w, hp, wp, q.device)
         valid_r = None if valid is None else rearrange(valid[None, ..., None], REGIONS, **sizes)[0, ..., 0]  # (R, T)
-        qkv = rearrange(pad_hw(qkv, hp, wp), REGIONS, **sizes)  # (B, R, T, 3C)
-        q_r, nonempty = region_means(qkv[..., :c], valid_r)
-        k_r, _ = region_means(qkv[..., c:2 * c], valid_r)
+        q, k, v = (rearrange(t, REGIONS, **sizes) for t in pad_all((q, k, v), hp, wp))  # (B, R, T, C)
+        q_r, nonempty = region_means(q.detach(), valid_r)
+        k_r, _ = region_means(k.detach(), valid_r)
         affinity, index = route(q_r, k_r, self.topk, nonempty)
         if self.capture:
             self.captured = dict(kind=self.kind, index=index, affinity=affinity, n_win=self.n_win,
                                  size=(h, w), cell=(rh, rw))
-        backend = self.pick_backend(qkv, rh * rw, valid_r)
+        backend = self.pick_backend(q, rh * rw, valid_r)
         if backend == "flex":
             from .bra_flex import flex_routed_attention
-            out = flex_routed_attention(qkv, index, self.num_heads, self.scale)
+            out = flex_routed_attention(q, k, v, index, self.num_heads, self.scale)
+        elif backend == "gather":
+            out = gathered_routed_attention(q, k, v, index, self.num_heads, self.scale, valid_r)
         else:
-            out = indexed_routed_attention(qkv, index, self.num_heads, self.scale, valid_r)
+            out = indexed_routed_attention(q, k, v, index, self.num_heads, self.scale, valid_r)
         out = rearrange(out, "b (nh nw) (rh rw) c -> b (nh rh) (nw rw) c", **sizes)
         return out[:, :h, :w]
 
-    def pick_backend(self, qkv, tokens_per_region: int, valid_r) -> str:
+    def pick_backend(self, q, tokens_per_region: int, valid_r) -> str:
         if self.backend != "auto":
             return self.backend
-        if qkv.is_cuda and valid_r is None:
+        if q.is_cuda and valid_r is None:
             from .bra_flex import flex_supported
             if flex_supported(tokens_per_region):
                 return "flex"
         return "indexed"
 
 
-def indexed_routed_attention(qkv: torch.Tensor, index: torch.Tensor, num_heads: int, scale: float,
+def indexed_routed_attention(q, k, v, index: torch.Tensor, num_heads: int, scale: float,
                              valid_r=None) -> torch.Tensor:
-    """qkv: (B, R, T, 3C) regions; index: (B, R, k) routed key regions. Returns (B, R, T, C)."""
-    b, r, t, c3 = qkv.shape
-    c = c3 // 3
+    """q, k, v: (B, R, T, C) regions; index: (B, R, topk) routed key regions. Returns (B, R, T, C)."""
+    b, r, t, c = q.shape
     topk = index.shape[-1]
     flat = (index + torch.arange(b, device=index.device)[:, None, None] * r).reshape(-1)
-    # one copy of the routed keys/values; backward is index_add into (B*R, T, 2C)
-    kv = qkv[..., c:].reshape(b * r, t, 2 * c).index_select(0, flat).reshape(b * r, topk * t, 2 * c)
-    q = split_heads(qkv[..., :c].reshape(b * r, t, c), num_heads)
-    k = split_heads(kv[..., :c], num_heads)
-    v = split_heads(kv[..., c:], num_heads)
+    # one copy of the routed keys/values; the backward is an index_add into (B*R, T, C)
+    k, v = (x.reshape(b * r, t, c).index_select(0, flat).reshape(b * r, topk * t, c) for x in (k, v))
     mask = None
     if valid_r is not None:  # padded keys of the routed regions take no part
         mask = valid_r[index].reshape(b * r, 1, 1, topk * t)
-    return merge_heads(sdpa(q, k, v, scale, mask)).reshape(b, r, t, c)
+    out = sdpa(split_heads(q.reshape(b * r, t, c), num_heads), split_heads(k, num_heads),
+               split_heads(v, num_heads), scale, mask)
+    return merge_heads(out).reshape(b, r, t, c)
+
+
+def gathered_routed_attention(q, k, v, index: torch.Tensor, num_heads: int, scale: float,
+                              valid_r=None) -> torch.Tensor:
+    """The original's algorithm, kept as the benchmark baseline: every query region gathers its routed
+    regions out of an expanded (B, R, R, T, 2C) view; the backward of that gather materialises and
+    zero-fills a gradient of the expanded size."""
+    b, r, t, c = q.shape
+    topk = index.shape[-1]
+    kv = torch.cat([k, v], dim=-1)
+    kv = torch.gather(kv[:, None].expand(-1, r, -1, -1, -1), 2,
+                      index[..., None, None].expand(-1, -1, -1, t, 2 * c))  # (B, R, k, T, 2C)
+    k, v = kv.reshape(b, r, topk * t, 2 * c).chunk(2, dim=-1)
+    q, k, v = (x.unflatten(-1, (num_heads, -1)).transpose(2, 3) for x in (q, k, v))  # (B, R, h, N, d)
+    logits = (q * scale) @ k.transpose(-1, -2)
+    if valid_r is not None:
+        logits = logits.masked_fill(~valid_r[index].reshape(b, r, 1, 1, topk * t), float("-inf"))
+    return (logits.softmax(-1) @ v).transpose(2, 3).flatten(3)

@@ -6,7 +6,7 @@ from .registry import register_attention
 
 @register_attention("full")
 class FullAttention(TokenMixer):
-    def mix(self, qkv):
-        b, h, w, c3 = qkv.shape
-        q, k, v = (split_heads(t, self.num_heads) for t in qkv.reshape(b, h * w, c3).chunk(3, dim=-1))
-        return merge_heads(sdpa(q, k, v, self.scale)).reshape(b, h, w, c3 // 3)
+    def mix(self, q, k, v):
+        b, h, w, c = q.shape
+        q, k, v = (split_heads(t.reshape(b, h * w, c), self.num_heads) for t in (q, k, v))
+        return merge_heads(sdpa(q, k, v, self.scale)).reshape(b, h, w, c)

@@ -25,6 +25,10 @@ def pad_hw(x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
 
 
+def pad_all(tensors, hp: int, wp: int):
+    return [pad_hw(t, hp, wp) for t in tensors]
+
+
 def valid_map(h: int, w: int, hp: int, wp: int, device) -> Optional[torch.Tensor]:
     """(hp, wp) bool map of real (not padded) tokens, or None when nothing is padded."""
     if (h, w) == (hp, wp):
@@ -49,16 +53,16 @@ def sdpa(q, k, v, scale: float, mask: Optional[torch.Tensor] = None) -> torch.Te
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def grouped_attention(qkv, num_heads: int, scale: float, pattern: str, sizes: dict,
+def grouped_attention(q, k, v, num_heads: int, scale: float, pattern: str, sizes: dict,
                       valid: Optional[torch.Tensor] = None, pair_mask: Optional[torch.Tensor] = None):
     """Attention inside the groups of an einops `pattern` mapping (b, H, W, c) -> (b g) t c.
 
-    qkv: (b, H, W, 3C) packed, already padded to whole groups. `valid` (H, W) marks real tokens
+    q, k, v: (b, H, W, C), already padded to whole groups. `valid` (H, W) marks real tokens
     (padded keys are masked); `pair_mask` (g, t, t) adds a per-group query/key mask (shifted
     windows). Returns (b, H, W, C).
     """
-    b = qkv.shape[0]
-    qg, kg, vg = rearrange(qkv, pattern, **sizes).chunk(3, dim=-1)
+    b = q.shape[0]
+    qg, kg, vg = (rearrange(t, pattern, **sizes) for t in (q, k, v))
     mask = None
     if valid is not None:
         key_ok = rearrange(valid[None, ..., None], pattern, **sizes)[..., 0]  # (g, t)

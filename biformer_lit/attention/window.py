@@ -3,7 +3,7 @@ import torch
 from einops import rearrange
 
 from .base import TokenMixer
-from .partition import grid_cells, grouped_attention, pad_hw, valid_map
+from .partition import grid_cells, grouped_attention, pad_all, valid_map
 from .registry import register_attention
 
 WINDOWS = "b (nh wh) (nw ww) c -> (b nh nw) (wh ww) c"
@@ -18,13 +18,13 @@ def shifted_window_ids(size: int, cell: int, shift: int, device) -> torch.Tensor
 class WindowAttention(TokenMixer):
     """Each token attends to the tokens of its own window (windows of ceil(H/n_win) x ceil(W/n_win))."""
 
-    def mix(self, qkv):
-        h, w = qkv.shape[1:3]
+    def mix(self, q, k, v):
+        h, w = q.shape[1:3]
         wh, hp = grid_cells(h, self.n_win)
         ww, wp = grid_cells(w, self.n_win)
-        out = grouped_attention(pad_hw(qkv, hp, wp), self.num_heads, self.scale, WINDOWS,
+        out = grouped_attention(*pad_all((q, k, v), hp, wp), self.num_heads, self.scale, WINDOWS,
                                 dict(nh=self.n_win, nw=self.n_win, wh=wh, ww=ww),
-                                valid=valid_map(h, w, hp, wp, qkv.device))
+                                valid=valid_map(h, w, hp, wp, q.device))
         return out[:, :h, :w]
 
 
@@ -36,21 +36,21 @@ class ShiftedWindowAttention(TokenMixer):
     with `window` in consecutive blocks.
     """
 
-    def mix(self, qkv):
-        h, w = qkv.shape[1:3]
+    def mix(self, q, k, v):
+        h, w = q.shape[1:3]
         wh, hp = grid_cells(h, self.n_win)
         ww, wp = grid_cells(w, self.n_win)
         sh, sw = wh // 2, ww // 2
-        qkv = pad_hw(qkv, hp, wp).roll((-sh, -sw), dims=(1, 2))
+        q, k, v = (t.roll((-sh, -sw), dims=(1, 2)) for t in pad_all((q, k, v), hp, wp))
         sizes = dict(nh=self.n_win, nw=self.n_win, wh=wh, ww=ww)
         # segment of every rolled position: a token attends only within its own segment
-        rows = shifted_window_ids(hp, wh, sh, qkv.device).roll(-sh)
-        cols = shifted_window_ids(wp, ww, sw, qkv.device).roll(-sw)
+        rows = shifted_window_ids(hp, wh, sh, q.device).roll(-sh)
+        cols = shifted_window_ids(wp, ww, sw, q.device).roll(-sw)
         seg = rows[:, None] * (self.n_win + 1) + cols[None, :]
         seg = rearrange(seg[None, ..., None], WINDOWS, **sizes)[..., 0]  # (g, t)
         pair = seg[:, :, None] == seg[:, None, :]
-        valid = valid_map(h, w, hp, wp, qkv.device)
+        valid = valid_map(h, w, hp, wp, q.device)
         if valid is not None:
             valid = valid.roll((-sh, -sw), dims=(0, 1))
-        out = grouped_attention(qkv, self.num_heads, self.scale, WINDOWS, sizes, valid=valid, pair_mask=pair)
+        out = grouped_attention(q, k, v, self.num_heads, self.scale, WINDOWS, sizes, valid=valid, pair_mask=pair)
         return out.roll((sh, sw), dims=(1, 2))[:, :h, :w]

@@ -171,9 +171,11 @@ class BiFormer(nn.Module):
                                  f"at img_size={self.img_size}; use n_win <= {min(h, w)} or a larger image")
         heads = []
         for i, d in enumerate(dims):
+            if num_heads[i] is None and (head_dim < 1 or d % head_dim):
+                raise ValueError(f"stage {i}: width {d} is not divisible by head_dim={head_dim}")
             nh = num_heads[i] or d // head_dim
             if nh < 1 or d % nh:
-                raise ValueError(f"stage {i}: width {d} is not divisible by {nh} heads (head_dim={head_dim})")
+                raise ValueError(f"stage {i}: width {d} is not divisible by num_heads={nh}")
             heads.append(nh)
 
         self.num_classes, self.drop_rate, self.global_pool = num_classes, drop_rate, global_pool

@@ -1,0 +1,132 @@
+"""Every attention variant against the dense masked-softmax oracle (reference.py), over seeded sweeps."""
+import pytest
+import torch
+
+from biformer_lit.attention import create_attention, list_attentions
+from biformer_lit.attention.reference import (bra_pattern, bra_routing, reference_forward, region_of,
+                                              window_pattern)
+
+VARIANTS = ["bra", "window", "shifted_window", "axial", "dilated", "full"]
+SIZES = [(14, 14), (13, 17), (9, 5), (16, 12), (7, 7)]
+
+
+def test_registry_has_every_variant():
+    assert sorted(VARIANTS) == list_attentions()
+
+
+@pytest.mark.parametrize("kind", VARIANTS)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("n_win", [1, 2, 3, 4])
+def test_variant_matches_oracle(kind, size, n_win):
+    if n_win > min(size):
+        pytest.skip("grid larger than map")
+    topk = min(3, n_win * n_win)
+    m = create_attention(kind, 32, 4, n_win=n_win, topk=topk).double()
+    x = torch.randn(2, *size, 32, dtype=torch.double)
+    torch.testing.assert_close(m(x), reference_forward(m, x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["indexed", "gather"])
+@pytest.mark.parametrize("size,n_win,topk", [((28, 28), 7, 4), ((30, 26), 7, 8), ((16, 16), 4, 16), ((11, 9), 3, 1)])
+def test_bra_backends_fp32_forward_backward(backend, size, n_win, topk):
+    """fp32 (the training dtype) forward and input/weight gradients agree with the oracle."""
+    m = create_attention("bra", 64, 2, n_win=n_win, topk=topk, backend=backend, scale_mode="dim")
+    x = torch.randn(2, *size, 64, requires_grad=True)
+    y, r = m(x), reference_forward(m, x)
+    torch.testing.assert_close(y, r, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, m.qkv.weight, m.proj.weight, m.lepe.weight], g)
+    want = torch.autograd.grad(r, [x, m.qkv.weight, m.proj.weight, m.lepe.weight], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size,n_win", [((32, 32), 2), ((16, 16), 4)])
+def test_bra_flex_forward_matches_oracle(size, n_win):
+    """The FlexAttention backend's block mask (its eager path on CPU; CUDA runs the compiled kernel)."""
+    m = create_attention("bra", 32, 2, n_win=n_win, topk=2, backend="flex")
+    x = torch.randn(2, *size, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), reference_forward(m, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["flex", "indexed"])
+def test_bra_cuda_backends(backend):
+    m = create_attention("bra", 64, 2, n_win=7, topk=4, backend=backend).cuda()
+    x = torch.randn(2, 56, 56, 64, device="cuda", requires_grad=True)
+    y, r = m(x), reference_forward(m, x)
+    torch.testing.assert_close(y, r, rtol=1e-3, atol=1e-3)
+    g = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(r, x, g)[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_gradients_reach_every_parameter(kind):
+    """Routing (top-k) is non-differentiable by design; every trainable weight still gets a gradient."""
+    m = create_attention(kind, 32, 4, n_win=3, topk=2, lepe_kernel=3)
+    m(torch.randn(2, 10, 11, 32)).square().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_padded_tokens_are_not_keys(kind):
+    """Non-divisible maps are padded internally; the output of the real tokens must not depend on how much
+    padding there is: crop a divisible map's result against the oracle over the real tokens only."""
+    m = create_attention(kind, 16, 2, n_win=4, topk=3).double()
+    x = torch.randn(1, 13, 10, 16, dtype=torch.double)
+    out = m(x)
+    # oracle sees only the 13x10 real tokens, so any padded key would make the two differ
+    torch.testing.assert_close(out, reference_forward(m, x))
+
+
+def test_same_parameters_for_every_variant():
+    counts = {k: sum(p.numel() for p in create_attention(k, 64, 4, n_win=4, topk=2).parameters()) for k in VARIANTS}
+    assert len(set(counts.values())) == 1, counts
+
+
+def test_routing_reference_picks_most_related_regions():
+    """The oracle's routing itself: a key region made to match every query wins the top-1."""
+    h = w = 8
+    q = torch.ones(1, h * w, 4)
+    k = torch.zeros(1, h * w, 4)
+    region = region_of(h, w, 2)
+    k[0, region == 3] = 5.0
+    index = bra_routing(q, k, h, w, 2, 1)
+    assert index.flatten().tolist() == [3, 3, 3, 3]
+    allowed = bra_pattern(index, h, w, 2)[0]
+    assert torch.equal(allowed, (region == 3)[None, :].expand(h * w, -1))
+
+
+def test_window_pattern_blocks():
+    allowed = window_pattern(4, 4, 2)
+    assert allowed.sum() == 16 * 4 and allowed[0, 5] and not allowed[0, 2]
+
+
+def test_capture_is_off_by_default_and_costs_nothing():
+    m = create_attention("bra", 32, 2, n_win=2, topk=2)
+    x = torch.randn(1, 8, 8, 32)
+    y = m(x)
+    assert m.captured is None
+    m.capture = True
+    y2 = m(x)
+    assert torch.equal(y, y2)
+    assert m.captured["index"].shape == (1, 4, 2) and m.captured["size"] == (8, 8)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kind="bra", topk=17, n_win=4), r"topk=17 is out of range.*1\.\.16"),
+    (dict(kind="bra", topk=0, n_win=4), r"topk=0 is out of range"),
+    (dict(kind="window", n_win=0), r"n_win=0"),
+    (dict(kind="full", dim=30, num_heads=4), r"dim=30 is not divisible by num_heads=4"),
+    (dict(kind="axial", num_heads=3, dim=48), r"num_heads=3 must be even"),
+    (dict(kind="flash"), r"unknown attention 'flash'; known: axial, bra, dilated, full, shifted_window, window"),
+    (dict(kind="bra", backend="cuda"), r"backend='cuda'; allowed"),
+    (dict(kind="window", scale_mode="x"), r"scale_mode='x'"),
+])
+def test_bad_configuration_is_rejected(kwargs, match):
+    kwargs = dict(dict(dim=32, num_heads=4), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        create_attention(kwargs.pop("kind"), **kwargs)

@@ -1,0 +1,111 @@
+"""BiFormer models: timm registration and conventions, published sizes, any input size, bad configs."""
+import pytest
+import timm
+import torch
+
+import biformer_lit  # noqa: F401  (registers the models)
+from biformer_lit.models import PRESETS
+
+SMALL = dict(depths=(1, 1, 1, 1), embed_dims=(32, 64, 128, 256), num_classes=7)
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+@pytest.mark.parametrize("name,millions", [("biformer_tiny", 13.1), ("biformer_small", 25.5),
+                                           ("biformer_base", 56.8), ("biformer_stl", 28.4)])
+def test_published_parameter_counts(name, millions):
+    assert abs(count(timm.create_model(name)) - millions) < 0.1
+
+
+def test_every_preset_is_registered_with_timm():
+    assert set(PRESETS) <= set(timm.list_models("biformer*"))
+
+
+@pytest.mark.parametrize("name", ["biformer_cpu_tiny", "biformer_cpu_small"])
+def test_cpu_presets_forward_backward(name):
+    m = timm.create_model(name, num_classes=5)
+    y = m(torch.randn(2, 3, 64, 64))
+    assert y.shape == (2, 5)
+    y.sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+@pytest.mark.parametrize("name,size", [("biformer_tiny", (97, 131)), ("biformer_tiny", (200, 180)),
+                                       ("biformer_stl", (200, 180)), ("biformer_stl", (225, 250))])
+def test_any_input_size(name, size):
+    m = timm.create_model(name, **SMALL).eval()
+    with torch.no_grad():
+        assert m(torch.randn(1, 3, *size)).shape == (1, 7)
+
+
+def test_timm_conventions():
+    m = timm.create_model("biformer_cpu_tiny", num_classes=3)
+    x = torch.randn(2, 3, 64, 64)
+    feats = m.forward_features(x)
+    assert feats.shape == (2, 256, 2, 2)
+    assert m.forward_head(feats, pre_logits=True).shape == (2, 256)
+    torch.testing.assert_close(m.forward_head(feats), m(x))
+    m.reset_classifier(11)
+    assert m(x).shape == (2, 11) and m.get_classifier().out_features == 11
+    assert isinstance(m.no_weight_decay(), set)
+
+
+def test_features_only_backbone():
+    m = timm.create_model("biformer_cpu_tiny", features_only=True)
+    outs = m(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == m.feature_info.channels() == [32, 64, 128, 256]
+    assert [o.shape[-1] for o in outs] == [16, 8, 4, 2] and m.feature_info.reduction() == [4, 8, 16, 32]
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    m = timm.create_model("biformer_cpu_tiny", num_classes=3)
+    x = torch.randn(2, 3, 64, 64)
+    m(x).sum().backward()
+    ref = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    m.set_grad_checkpointing(True)
+    m(x).sum().backward()
+    for a, p in zip(ref, m.parameters()):
+        torch.testing.assert_close(p.grad, a)
+
+
+def test_per_stage_attention_kinds():
+    m = timm.create_model("biformer_cpu_tiny", attn=["window", "axial", "dilated", "shifted_window"],
+                          n_wins=[4, 2, 2, 1])
+    kinds = [a.kind for _, _, a in m.attention_modules()]
+    assert kinds == ["window", "axial", "dilated", "dilated", "shifted_window"]
+    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_drop_path_only_in_training():
+    m = timm.create_model("biformer_cpu_tiny", drop_path_rate=0.5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(m(x), m(x))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(topks=(4, 4, 17, 1)), r"topk=17 is out of range.*1\.\.4"),
+    (dict(topks=(0, 4, 2, 1)), r"topk=0 is out of range"),
+    (dict(n_wins=(4, 4, 8, 1)), r"n_wins\[2\]=8 is larger than stage 2's feature map 4x4"),
+    (dict(embed_dims=(32, 64, 120, 256)), r"stage 2: width 120 is not divisible by head_dim=16"),
+    (dict(num_heads=(2, 3, 4, 8)), r"stage 1: width 64 is not divisible by num_heads=3"),
+    (dict(attn="sparse"), r"unknown attention 'sparse'; known: axial, bra, dilated, full, shifted_window, window"),
+    (dict(topks=(1, 4, 16)), r"topks has 3 entries \[1, 4, 16\]; expected 4"),
+    (dict(depths=(1, 1, 1, 1, 1)), r"depths has 5 entries"),
+    (dict(stem="conv"), r"stem='conv'; allowed: overlap, patch"),
+])
+def test_bad_configuration_is_rejected_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        timm.create_model("biformer_cpu_tiny", **kwargs)
+
+
+@pytest.mark.slow
+def test_torch_compile_whole_model():
+    m = timm.create_model("biformer_cpu_tiny", num_classes=4, depths=(1, 1, 1, 1)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        eager = m(x)
+        compiled = torch.compile(m)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
