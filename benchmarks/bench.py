@@ -1,0 +1,227 @@
+"""Speed and memory of the attention variants and whole models, measured side by side in one run.
+
+    python benchmarks/bench.py                 # CPU: layers + models, table on stdout, JSON in benchmarks/results/
+    python benchmarks/bench.py --what layers   # only per-layer
+    python benchmarks/bench.py --compile       # also torch.compile'd models
+On a CUDA machine the same command measures on the GPU (fp32 and bf16 autocast) instead.
+
+Every case runs in its own subprocess, so the peak memory of one cannot hide in another's:
+CPU peak = the process's peak resident set minus that of an idle process that imported the same
+libraries and built the same inputs; CUDA peak = torch.cuda.max_memory_allocated.
+Timings are medians over repeats after warm-up. Absolute numbers on a shared machine are noisy:
+compare the ratios within one run.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# The paper's stage shapes for BiFormer-T at 224x224 (batch 8): (name, H, W, C, heads, n_win, topk)
+STAGES = [("stage1 56x56", 56, 56, 64, 2, 7, 1), ("stage2 28x28", 28, 28, 128, 4, 7, 4),
+          ("stage3 14x14", 14, 14, 256, 8, 7, 16)]
+# the stage-1 map of a 600x500 image, where the original's memory explodes (batch 1)
+LARGE = ("600x500 stage1 150x125", 150, 125, 64, 2, 7)
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def timed(fn, device, repeats: int) -> float:
+    fn()  # warm-up (allocations, lazy init, compilation)
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+# --- one case, inside its own process -----------------------------------------------------------------
+def run_layer(case):
+    from biformer_lit.attention import create_attention
+    dev, dtype = case["device"], case.get("dtype", "fp32")
+    x = torch.randn(case["batch"], case["h"], case["w"], case["c"], device=dev, requires_grad=True)
+    base = rss_mb()
+    if case.get("idle"):
+        return dict(peak_mb=0.0, base_mb=base)
+    m = create_attention(case["kind"], case["c"], case["heads"], n_win=case["n_win"], topk=case["topk"],
+                         backend=case.get("backend", "auto")).to(dev)
+    amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def fwd_bwd():
+        with amp:
+            y = m(x)
+        y.float().sum().backward()
+
+    def fwd():
+        with torch.no_grad(), amp:
+            m(x)
+
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_train = timed(fwd_bwd, dev, case["repeats"])
+    peak = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else rss_mb()
+    t_fwd = timed(fwd, dev, case["repeats"])
+    return dict(fwd_bwd_ms=t_train * 1e3, fwd_ms=t_fwd * 1e3, peak_mb=peak, base_mb=base)
+
+
+def build_model(name):
+    import timm
+    import biformer_lit  # noqa: F401
+    if name == "biformer_tiny[original algorithm]":
+        return timm.create_model("biformer_tiny", attn_backend="gather")
+    return timm.create_model(name)
+
+
+def run_model(case):
+    dev, b = case["device"], case["batch"]
+    x = torch.randn(b, 3, 224, 224, device=dev)
+    y = torch.randint(0, 1000, (b,), device=dev)
+    base = rss_mb()
+    if case.get("idle"):
+        return dict(peak_mb=0.0, base_mb=base)
+    model = build_model(case["model"]).to(dev)
+    net = torch.compile(model) if case.get("compile") else model
+    amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=case.get("dtype") == "bf16")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step():
+        with amp:
+            loss = torch.nn.functional.cross_entropy(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def infer():
+        with torch.no_grad(), amp:
+            net(x)
+
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    t_train = timed(train_step, dev, case["repeats"])
+    peak = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else rss_mb()
+    model.eval()
+    t_inf = timed(infer, dev, case["repeats"])
+    return dict(train_img_s=b / t_train, infer_img_s=b / t_inf, peak_mb=peak, base_mb=base,
+                params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+
+
+def in_subprocess(case) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    if proc.returncode:
+        return dict(error=(proc.stderr.strip().splitlines() or ["failed"])[-1][:120])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- the driver --------------------------------------------------------------------------------------
+def layer_cases(device, dtypes, quick):
+    reps = 3 if quick else 5
+    backends = ["indexed", "gather"] + (["flex"] if device == "cuda" else [])
+    for dtype in dtypes:
+        for name, h, w, c, heads, n_win, topk in STAGES:
+            common = dict(device=device, dtype=dtype, batch=8, h=h, w=w, c=c, heads=heads, n_win=n_win,
+                          topk=topk, repeats=reps, shape=name)
+            for be in backends:
+                yield dict(common, kind="bra", backend=be, label=f"bra[{be}]")
+            for kind in ["window", "shifted_window", "axial", "dilated", "full"]:
+                yield dict(common, kind=kind, label=kind)
+        name, h, w, c, heads, n_win = LARGE
+        for topk in (1, 4, 16):
+            for be in backends:
+                yield dict(device=device, dtype=dtype, batch=1, h=h, w=w, c=c, heads=heads, n_win=n_win, topk=topk,
+                           kind="bra", backend=be, repeats=reps, shape=f"{name} topk={topk}", label=f"bra[{be}]")
+
+
+MODELS = ["biformer_tiny", "biformer_tiny[original algorithm]", "biformer_stl", "swin_tiny_patch4_window7_224"]
+
+
+def model_cases(device, dtypes, quick, compile_):
+    reps = 2 if quick else 3
+    batch = 8 if device == "cpu" else 64
+    for dtype in dtypes:
+        for name in MODELS:
+            yield dict(device=device, dtype=dtype, model=name, batch=batch, repeats=reps)
+        if compile_:
+            yield dict(device=device, dtype=dtype, model="biformer_tiny", batch=batch, repeats=reps, compile=True)
+
+
+def fmt(v, spec=".1f"):
+    return "—" if v is None else format(v, spec)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--what", choices=["layers", "models", "all"], default="all")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd biformer_tiny")
+    ap.add_argument("--json", default=None, help="output file (default benchmarks/results/<device>.json)")
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.case:
+        case = json.loads(args.case)
+        torch.manual_seed(0)
+        print(json.dumps(run_model(case) if "model" in case else run_layer(case)))
+        return
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtypes = ["fp32", "bf16"] if device == "cuda" else ["fp32"]
+    info = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+                cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads())
+    print(f"# {info}")
+    results = dict(info=info, layers=[], models=[])
+
+    if args.what in ("layers", "all"):
+        idle = {}
+        print("\n| shape | variant | dtype | fwd+bwd ms | fwd ms | peak MB |\n|---|---|---|---|---|---|")
+        for case in layer_cases(device, dtypes, args.quick):
+            key = (case["batch"], case["h"], case["w"], case["c"])
+            if device == "cpu" and key not in idle:
+                idle[key] = in_subprocess(dict(case, idle=True))["base_mb"]
+            r = in_subprocess(case)
+            if "error" not in r and device == "cpu":
+                r["peak_mb"] -= idle[key]
+            results["layers"].append(dict(case, **r))
+            print(f"| {case['shape']} | {case['label']} | {case['dtype']} | {fmt(r.get('fwd_bwd_ms'))} | "
+                  f"{fmt(r.get('fwd_ms'))} | {fmt(r.get('peak_mb'), '.0f')} |" + (f" {r['error']}" if "error" in r else ""),
+                  flush=True)
+
+    if args.what in ("models", "all"):
+        print(f"\n| model | dtype | compiled | params (M) | train img/s | infer img/s | peak train MB |\n"
+              f"|---|---|---|---|---|---|---|")
+        idle = None
+        for case in model_cases(device, dtypes, args.quick, args.compile):
+            if device == "cpu" and idle is None:
+                idle = in_subprocess(dict(case, idle=True))["base_mb"]
+            r = in_subprocess(case)
+            if "error" not in r and device == "cpu":
+                r["peak_mb"] -= idle
+            results["models"].append(dict(case, **r))
+            print(f"| {case['model']} | {case['dtype']} | {'yes' if case.get('compile') else 'no'} | "
+                  f"{fmt(r.get('params_m'))} | {fmt(r.get('train_img_s'), '.2f')} | {fmt(r.get('infer_img_s'), '.2f')} | "
+                  f"{fmt(r.get('peak_mb'), '.0f')} |" + (f" {r['error']}" if "error" in r else ""), flush=True)
+
+    out = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / f"{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
