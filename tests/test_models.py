@@ -72,10 +72,11 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 
 def test_per_stage_attention_kinds():
-    m = timm.create_model("biformer_cpu_tiny", attn=["window", "axial", "dilated", "shifted_window"],
+    m = timm.create_model("biformer_cpu_tiny", attn=["window", "axial", "shifted_window", "full"],
                           n_wins=[4, 2, 2, 1])
     kinds = [a.kind for _, _, a in m.attention_modules()]
-    assert kinds == ["window", "axial", "dilated", "dilated", "shifted_window"]
+    # a shifted_window stage alternates plain and shifted windows (Swin)
+    assert kinds == ["window", "axial", "window", "shifted_window", "full"]
     assert m(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
 
 

@@ -2,7 +2,7 @@
 import torch
 
 from .base import TokenMixer
-from .partition import grouped_attention, grid_cells, pad_all, valid_map
+from .partition import crop_hw, grouped_attention, grid_cells, pad_all, valid_map
 from .registry import register_attention
 
 ROW_STRIPES = "b (ns sw) w c -> (b ns) (sw w) c"
@@ -32,7 +32,7 @@ class AxialAttention(TokenMixer):
         sizes = dict(sw=sw, w=wp) if axis == 1 else dict(sw=sw, h=hp)
         out = grouped_attention(*pad_all((q, k, v), hp, wp), self.num_heads // 2, self.scale, pattern, sizes,
                                 valid=valid_map(h, w, hp, wp, q.device))
-        return out[:, :h, :w]
+        return crop_hw(out, h, w)
 
     def mix(self, q, k, v):
         # channels [0, C/2) (the first half of the heads) go to row stripes, [C/2, C) to column stripes

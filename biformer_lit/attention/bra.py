@@ -20,7 +20,7 @@ import torch
 from einops import rearrange
 
 from .base import TokenMixer
-from .partition import grid_cells, merge_heads, pad_all, sdpa, split_heads, valid_map
+from .partition import crop_hw, grid_cells, merge_heads, pad_all, sdpa, split_heads, valid_map
 from .registry import register_attention
 from .routing import region_means, route
 
@@ -66,7 +66,7 @@ class BiLevelRoutingAttention(TokenMixer):
         else:
             out = indexed_routed_attention(q, k, v, index, self.num_heads, self.scale, valid_r)
         out = rearrange(out, "b (nh nw) (rh rw) c -> b (nh rh) (nw rw) c", **sizes)
-        return out[:, :h, :w]
+        return crop_hw(out, h, w)
 
     def pick_backend(self, q, tokens_per_region: int, valid_r) -> str:
         if self.backend != "auto":

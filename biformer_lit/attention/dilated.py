@@ -3,7 +3,7 @@
 It differs from window attention by one pattern string: the group index is the fast axis.
 """
 from .base import TokenMixer
-from .partition import grid_cells, grouped_attention, pad_all, valid_map
+from .partition import crop_hw, grid_cells, grouped_attention, pad_all, valid_map
 from .registry import register_attention
 
 GRID = "b (wh nh) (ww nw) c -> (b nh nw) (wh ww) c"
@@ -20,4 +20,4 @@ class DilatedAttention(TokenMixer):
         out = grouped_attention(*pad_all((q, k, v), hp, wp), self.num_heads, self.scale, GRID,
                                 dict(nh=self.n_win, nw=self.n_win, wh=wh, ww=ww),
                                 valid=valid_map(h, w, hp, wp, q.device))
-        return out[:, :h, :w]
+        return crop_hw(out, h, w)

@@ -25,6 +25,11 @@ def pad_hw(x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
 
 
+def crop_hw(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Undo pad_hw. A no-op slice is skipped: its backward would still zero-fill a full-size gradient."""
+    return x if x.shape[1:3] == (h, w) else x[:, :h, :w]
+
+
 def pad_all(tensors, hp: int, wp: int):
     return [pad_hw(t, hp, wp) for t in tensors]
 

@@ -3,7 +3,7 @@ import torch
 from einops import rearrange
 
 from .base import TokenMixer
-from .partition import grid_cells, grouped_attention, pad_all, valid_map
+from .partition import crop_hw, grid_cells, grouped_attention, pad_all, valid_map
 from .registry import register_attention
 
 WINDOWS = "b (nh wh) (nw ww) c -> (b nh nw) (wh ww) c"
@@ -25,7 +25,7 @@ class WindowAttention(TokenMixer):
         out = grouped_attention(*pad_all((q, k, v), hp, wp), self.num_heads, self.scale, WINDOWS,
                                 dict(nh=self.n_win, nw=self.n_win, wh=wh, ww=ww),
                                 valid=valid_map(h, w, hp, wp, q.device))
-        return out[:, :h, :w]
+        return crop_hw(out, h, w)
 
 
 @register_attention("shifted_window")
@@ -53,4 +53,4 @@ class ShiftedWindowAttention(TokenMixer):
         if valid is not None:
             valid = valid.roll((-sh, -sw), dims=(0, 1))
         out = grouped_attention(q, k, v, self.num_heads, self.scale, WINDOWS, sizes, valid=valid, pair_mask=pair)
-        return out.roll((sh, sw), dims=(1, 2))[:, :h, :w]
+        return crop_hw(out.roll((sh, sw), dims=(1, 2)), h, w)

@@ -1,4 +1,5 @@
 """Lightning callbacks of biformer-lit."""
 from .routing import RoutingVisualizer
+from .run_stats import RunStats
 
-__all__ = ["RoutingVisualizer"]
+__all__ = ["RoutingVisualizer", "RunStats"]

@@ -51,6 +51,11 @@ def stage_sizes(img_size: Tuple[int, int], stem: str) -> List[Tuple[int, int]]:
     return sizes
 
 
+def block_kind(stage_kind: str, j: int) -> str:
+    """A 'shifted_window' stage alternates plain and shifted windows, block by block, as Swin does."""
+    return "window" if stage_kind == "shifted_window" and j % 2 == 0 else stage_kind
+
+
 class Block(nn.Module):
     """x += pos(x) [optional]; x += attn(norm(x)); x += mlp(norm(x)). Channels-last in and out."""
 
@@ -132,7 +137,8 @@ class BiFormer(nn.Module):
 
     Args:
         depths, embed_dims: blocks and width per stage.
-        attn: attention kind per stage (see biformer_lit.attention.list_attentions()).
+        attn: attention kind per stage (see biformer_lit.attention.list_attentions()); a
+            'shifted_window' stage alternates window / shifted_window blocks (Swin).
         topks: routed regions per query region (bra stages).
         n_wins: regions / windows per side.
         head_dim: width per head; num_heads (per stage, None = dim // head_dim) overrides it.
@@ -186,11 +192,11 @@ class BiFormer(nn.Module):
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         stages, self.feature_info, reduction = [], [], 4
         for i in range(4):
-            make_attn = partial(create_attention, attn[i], dims[i], heads[i], n_win=n_wins[i], topk=topks[i],
+            make_attn = partial(create_attention, dim=dims[i], num_heads=heads[i], n_win=n_wins[i], topk=topks[i],
                                 stripe_width=stripe_widths[i], qkv_bias=qkv_bias[i], lepe_kernel=lepe_kernel[i],
                                 lepe_source=lepe_source[i], scale_mode=scale_mode[i], backend=attn_backend)
-            blocks = [Block(dims[i], make_attn(), mlp_ratios[i], dpr[sum(depths[:i]) + j], pos_embed)
-                      for j in range(depths[i])]
+            blocks = [Block(dims[i], make_attn(block_kind(attn[i], j)), mlp_ratios[i], dpr[sum(depths[:i]) + j],
+                            pos_embed) for j in range(depths[i])]
             down = Downsample(dims[i - 1], dims[i], stem) if i else None
             stages.append(Stage(down, blocks))
             reduction = reduction * 2 if i else reduction

@@ -1,0 +1,236 @@
+"""Ablation runner: one `fit` config + an `ablation:` section naming arms as overrides of it.
+
+    python cli.py fit --config experiments/topk_ablation.yaml [--ablation.only=ARM | --ablation.index=I]
+                      [--ablation.parallel=N] [--ablation.seeds=[0,1,2]] [any --trainer.* / --model.* flag]
+
+Every (arm, seed) is a separate, complete training run in its own process (so every Lightning
+strategy works inside an arm), logged to runs/<ablation>/<arm>/seed_<n>/ so that
+`tensorboard --logdir runs/<ablation>` overlays the arms. All arms share the seed, the data and its
+order, and (where parameter shapes agree) the initialisation. Re-running the same command skips
+finished runs and resumes interrupted ones from their last checkpoint.
+
+The section:
+    ablation:
+      name: topk                 # runs/<name>/...
+      seeds: [0]                 # seed_everything of each replicate
+      parallel: 1                # runs at once (on CUDA machines run i gets GPU i % n_gpus)
+      visualize: true            # routing pictures in TensorBoard (RoutingVisualizer)
+      arms:
+        - name: k1
+          overrides: {model.model_kwargs.topks: [1, 1, 1, 1]}   # dotted keys into the fit config
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import List, Optional
+
+import yaml
+
+ABLATION_KEYS = {"name", "seeds", "parallel", "visualize", "arms", "only", "index", "runs_dir", "dry_run"}
+
+
+class AblationError(ValueError):
+    """A malformed ablation section or selection (user input)."""
+
+
+def _split_argv(argv: List[str]):
+    """-> (config files, --ablation.* overrides, the other flags passed through to every run)."""
+    configs, ablation, rest = [], {}, []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        key, eq, val = a.partition("=")
+        if key in ("--config", "-c"):
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise AblationError("--config needs a file")
+                val = argv[i]
+            configs.append(val)
+        elif key.startswith("--ablation."):
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise AblationError(f"{key} needs a value")
+                val = argv[i]
+            ablation[key[len("--ablation."):]] = yaml.safe_load(val)
+        else:
+            rest.append(a)
+        i += 1
+    return configs, ablation, rest
+
+
+def deep_merge(base: dict, other: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in other.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def set_dotted(cfg: dict, dotted: str, value) -> None:
+    node = cfg
+    *path, last = dotted.split(".")
+    for part in path:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise AblationError(f"override {dotted!r}: {part!r} is not a section")
+    node[last] = copy.deepcopy(value)
+
+
+def load_config(paths: List[str]) -> dict:
+    cfg = {}
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"config file not found: {p}")
+        with open(p) as f:
+            cfg = deep_merge(cfg, yaml.safe_load(f) or {})
+    return cfg
+
+
+def plan(section: dict) -> dict:
+    """Validate the ablation section; returns it with defaults filled in."""
+    unknown = set(section) - ABLATION_KEYS
+    if unknown:
+        raise AblationError(f"unknown ablation key(s) {sorted(unknown)}; allowed: {sorted(ABLATION_KEYS)}")
+    arms = section.get("arms") or []
+    if not arms or not all(isinstance(a, dict) and a.get("name") for a in arms):
+        raise AblationError("ablation.arms must be a non-empty list of {name: ..., overrides: {...}}")
+    names = [a["name"] for a in arms]
+    if len(set(names)) != len(names):
+        raise AblationError(f"arm names must be unique: {names}")
+    out = dict(name=section.get("name") or "ablation", seeds=section.get("seeds", [0]),
+               parallel=int(section.get("parallel", 1)), visualize=bool(section.get("visualize", True)),
+               arms=arms, runs_dir=section.get("runs_dir", "runs"), dry_run=bool(section.get("dry_run", False)))
+    if isinstance(out["seeds"], int):
+        out["seeds"] = [out["seeds"]]
+    if out["parallel"] < 1:
+        raise AblationError(f"ablation.parallel={out['parallel']}; allowed: >= 1")
+    only, index = section.get("only"), section.get("index")
+    if only is not None and index is not None:
+        raise AblationError("give --ablation.only or --ablation.index, not both")
+    if only is not None:
+        wanted = [only] if isinstance(only, str) else list(only)
+        missing = [w for w in wanted if w not in names]
+        if missing:
+            raise AblationError(f"--ablation.only={missing[0]!r}: no such arm; arms: {', '.join(names)}")
+        out["arms"] = [a for a in arms if a["name"] in wanted]
+    if index is not None:
+        index = int(index)
+        if not 0 <= index < len(arms):
+            raise AblationError(f"--ablation.index={index} is out of range: {len(arms)} arms (0..{len(arms) - 1})")
+        out["arms"] = [arms[index]]
+    return out
+
+
+def arm_config(base: dict, arm: dict, seed: int, run_dir: Path, ablation: str, visualize: bool) -> dict:
+    cfg = copy.deepcopy(base)
+    for key, value in (arm.get("overrides") or {}).items():
+        set_dotted(cfg, key, value)
+    cfg["seed_everything"] = seed
+    trainer = cfg.setdefault("trainer", {})
+    trainer["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                         "init_args": {"save_dir": str(run_dir.parent.parent), "name": arm["name"],
+                                       "version": run_dir.name, "default_hp_metric": False}}
+    callbacks = list(trainer.get("callbacks") or [])
+    callbacks.append({"class_path": "biformer_lit.callbacks.RunStats",
+                      "init_args": {"knobs": dict(arm.get("overrides") or {}, arm=arm["name"], seed=seed)}})
+    if visualize:
+        callbacks.append({"class_path": "biformer_lit.callbacks.RoutingVisualizer"})
+    trainer["callbacks"] = callbacks
+    return cfg
+
+
+def read_status(run_dir: Path) -> str:
+    try:
+        return json.loads((run_dir / "arm.json").read_text()).get("status", "")
+    except (OSError, ValueError):
+        return ""
+
+
+def write_status(run_dir: Path, **info) -> None:
+    tmp = run_dir / "arm.json.tmp"
+    tmp.write_text(json.dumps(info, indent=1))
+    os.replace(tmp, run_dir / "arm.json")  # atomic: a kill never leaves half a status file
+
+
+def run_one(job: dict, passthrough: List[str], slot: int) -> int:
+    run_dir: Path = job["run_dir"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = dict(ablation=job["ablation"], arm=job["arm"]["name"], index=job["index"], seed=job["seed"],
+                overrides=job["arm"].get("overrides") or {})
+    cfg_path = run_dir / "config.yaml"
+    with open(cfg_path, "w") as f:
+        yaml.safe_dump(job["config"], f, sort_keys=False)
+    cmd = [sys.executable, "-m", "biformer_lit.cli", "fit", "--config", str(cfg_path), *passthrough]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        cmd.append(f"--ckpt_path={last}")  # interrupted earlier: continue, don't restart
+    env = dict(os.environ)
+    gpus = _cuda_count()
+    if gpus and job["parallel"] > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+    write_status(run_dir, **info, status="running", resumed=last.is_file())
+    label = f"{job['arm']['name']}/seed_{job['seed']}"
+    print(f"[ablation] start {label}{' (resuming)' if last.is_file() else ''}", flush=True)
+    t0 = time.time()
+    with open(run_dir / "stdout.log", "a") as log:
+        code = subprocess.call(cmd, env=env, stdout=log if job["parallel"] > 1 else None,
+                               stderr=subprocess.STDOUT if job["parallel"] > 1 else None)
+    status = "finished" if code == 0 else f"failed (exit {code})"
+    write_status(run_dir, **info, status=status, seconds=round(time.time() - t0, 1))
+    print(f"[ablation] {status}: {label} in {time.time() - t0:.0f}s", flush=True)
+    return code
+
+
+def _cuda_count() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except Exception:  # no usable CUDA: CPU runs
+        return 0
+
+
+def maybe_run_ablation(argv: List[str]) -> Optional[int]:
+    """Called by the CLI for `fit`: runs the ablation if the configs have an `ablation:` section."""
+    if not argv or argv[0] != "fit":
+        return None
+    configs, ablation_flags, passthrough = _split_argv(argv[1:])
+    cfg = load_config(configs)
+    if "ablation" not in cfg:
+        if ablation_flags:
+            raise AblationError("--ablation.* given, but no config has an `ablation:` section")
+        return None
+    section = deep_merge(cfg.pop("ablation") or {}, ablation_flags)
+    p = plan(section)
+    jobs = []
+    all_arms = [a["name"] for a in section["arms"]]
+    for arm in p["arms"]:
+        for seed in p["seeds"]:
+            run_dir = Path(p["runs_dir"]) / p["name"] / arm["name"] / f"seed_{seed}"
+            jobs.append(dict(arm=arm, seed=seed, run_dir=run_dir, ablation=p["name"], parallel=p["parallel"],
+                             index=all_arms.index(arm["name"]),
+                             config=arm_config(cfg, arm, seed, run_dir, p["name"], p["visualize"])))
+    todo = [j for j in jobs if read_status(j["run_dir"]) != "finished"]
+    for j in jobs:
+        if j not in todo:
+            print(f"[ablation] skip finished {j['arm']['name']}/seed_{j['seed']}", flush=True)
+    print(f"[ablation] {p['name']}: {len(jobs)} run(s), {len(todo)} to do, {p['parallel']} at a time", flush=True)
+    if p["dry_run"]:
+        for j in todo:
+            print(f"[ablation] would run {j['arm']['name']}/seed_{j['seed']} -> {j['run_dir']}")
+        return 0
+    with ThreadPoolExecutor(max_workers=p["parallel"]) as pool:
+        codes = list(pool.map(lambda ij: run_one(ij[1], passthrough, ij[0]), enumerate(todo)))
+    failed = [f"{j['arm']['name']}/seed_{j['seed']}" for j, c in zip(todo, codes) if c]
+    if failed:
+        print(f"error: {len(failed)} run(s) failed: {', '.join(failed)} (see their stdout.log / output above)",
+              file=sys.stderr)
+        return 1
+    print(f"[ablation] done. Compare: tensorboard --logdir {Path(p['runs_dir']) / p['name']}   "
+          f"Report: python cli.py report {Path(p['runs_dir']) / p['name']}", flush=True)
+    return 0

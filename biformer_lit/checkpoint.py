@@ -1,0 +1,137 @@
+"""Checkpoint files: atomic writing, and reading weights to initialise a model from.
+
+AtomicCheckpointIO: Lightning writes `last.ckpt` in place; a kill (SLURM pre-emption, OOM killer,
+Ctrl-C) during the write leaves a truncated file that `--ckpt_path last` then fails to load. Here
+the checkpoint goes to a temporary file in the same directory (same filesystem, so the rename is
+atomic), is fsynced, and replaces the old file with os.replace: a reader sees the old or the new
+checkpoint, never half of one.
+
+Loading uses weights_only=True: our checkpoints hold only tensors and plain Python types (hyper-
+parameters are plain: strings, numbers, lists, dicts; the LR schedule is a closure, which LambdaLR
+does not serialise; ModelCheckpoint stores its scores as tensors and its paths as str), so the safe
+unpickler reads them and a checkpoint from elsewhere cannot run code on load. A checkpoint that does
+hold other objects (e.g. hyperparameters of a custom class) fails to load with a message naming the
+type; for a file you trust, `--weights_only false` (a Trainer.fit/validate argument) loads it anyway.
+"""
+import os
+import pickle
+import tempfile
+from typing import Any, Dict, Optional, Set
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch import nn
+
+__all__ = ["AtomicCheckpointIO", "CheckpointError", "read_state_dict", "load_init_weights"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used with this model (user input, reported without a traceback)."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """TorchCheckpointIO that writes via temp file + fsync + os.replace; loads with weights_only=True."""
+
+    def save_checkpoint(self, checkpoint: Dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private (0600); use the usual mode
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())  # data on disk before the rename makes it visible
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        try:  # make the rename itself durable (the directory entry); not possible on every OS/filesystem
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass
+
+    def load_checkpoint(self, path, map_location=None, weights_only: Optional[bool] = None) -> Dict[str, Any]:
+        # None (Lightning's default) means "as torch decides"; we ask for the safe loader explicitly.
+        return super().load_checkpoint(path, map_location=map_location,
+                                       weights_only=True if weights_only is None else weights_only)
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """The model weights in `path`: a Lightning .ckpt (`state_dict`, keys under `model.`), the original
+    BiFormer release format (`{"model": state_dict}`), or a bare state dict."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # a file with pickled Python objects; we refuse rather than execute arbitrary code on load
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a plain weights file (torch.load weights_only=True: {first})") from e
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(ckpt).__name__}")
+    if isinstance(ckpt.get("state_dict"), dict):  # Lightning
+        sd = ckpt["state_dict"]
+        if any(k.startswith("model.") for k in sd):  # ClassificationModule: model.* (ema.* is skipped)
+            sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    elif isinstance(ckpt.get("model"), dict):  # original release format
+        sd = ckpt["model"]
+    else:
+        sd = ckpt
+    if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: no state dict found (expected a Lightning checkpoint, "
+                              f"{{'model': state_dict}} or a state dict of tensors)")
+    return sd
+
+
+def _classifier_keys(model: nn.Module) -> Set[str]:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    prefix = next((n for n, m in model.named_modules() if m is head and n), None)
+    return {f"{prefix}.{n}" for n, _ in head.named_parameters()} if prefix else set()
+
+
+def _listing(keys, n: int = 4) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def load_init_weights(model: nn.Module, path: str, ignore_head: bool = False) -> None:
+    """Initialise `model` from `path` (see read_state_dict); every mismatch is a CheckpointError."""
+    sd = read_state_dict(path)
+    from .models import BiFormer, convert_state_dict  # local: keeps this module light to import
+    if isinstance(model, BiFormer):  # the load pre-hook would rename too; the checks below need our names
+        sd = convert_state_dict(sd)
+    head_keys = _classifier_keys(model)
+    own = model.state_dict()
+    if ignore_head:
+        sd = {k: v for k, v in sd.items() if k not in head_keys}
+    else:
+        for key in sorted(head_keys):
+            if key.endswith("weight") and key in sd and sd[key].shape[0] != own[key].shape[0]:
+                raise CheckpointError(
+                    f"{path}: the checkpoint's classifier ({key}) has {sd[key].shape[0]} classes but the model has "
+                    f"{own[key].shape[0]} (from the data); use matching data, or "
+                    f"--model.init_from_ignore_head=true to start a new classifier")
+    # checkpoints saved before BatchNorm counted batches lack num_batches_tracked: harmless
+    missing = {k for k in own.keys() - sd.keys() if not k.endswith("num_batches_tracked")}
+    missing -= head_keys if ignore_head else set()
+    unexpected = sd.keys() - own.keys()
+    shapes = {k for k in sd.keys() & own.keys() if sd[k].shape != own[k].shape}
+    problems = [f"{what}: {_listing(keys)}" for what, keys in
+                (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if keys]
+    if problems:
+        raise CheckpointError(f"{path} does not fit model {type(model).__name__} ({'; '.join(problems)}); "
+                              f"check --model.model and --model.model_kwargs")
+    model.load_state_dict(sd, strict=False)

@@ -1,0 +1,148 @@
+"""Command line: `python cli.py {fit,validate,test,predict} [--config a.yaml --config b.yaml] [--key value]`,
+plus `report` and `visualize` (their own parsers).
+
+LightningCLI over ClassificationModule + ImageDataModule. The data decides num_classes and img_size
+(linked into the model, never typed twice). Trainer defaults (TensorBoard under runs/, checkpoints:
+last + best val/top1, atomic checkpoint writes) are parser defaults, so YAML and flags override them.
+Bad input (data, checkpoints, model settings) ends with `error: <message>` and exit status 2;
+other exceptions are bugs and keep their traceback.
+"""
+import os
+import re
+import sys
+from typing import List, Optional
+
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from .checkpoint import CheckpointError
+from .module import ClassificationModule
+
+TRAINER_DEFAULTS = {
+    "max_epochs": 10,  # CPU-sized; ImageNet runs set 300 (docs/training.md)
+    "log_every_n_steps": 10,
+    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+               "init_args": {"save_dir": "runs", "name": "default", "default_hp_metric": False}},
+    "plugins": {"class_path": "biformer_lit.checkpoint.AtomicCheckpointIO"},
+}
+# Two ModelCheckpoints: since Lightning 2.6 `save_last` only refreshes last.ckpt when a top-k checkpoint
+# is saved at the same step (so with "best by val/top1" last.ckpt would be the best, not the latest).
+# `checkpoint` keeps the best by val/top1; `last_checkpoint` (no monitor) rewrites last.ckpt at every
+# validation, which is what `--ckpt_path last` resumes from.
+CHECKPOINT_DEFAULTS = {"monitor": "val/top1", "mode": "max", "save_last": False, "save_top_k": 1,
+                       "filename": "best-{epoch}", "auto_insert_metric_name": False}
+LAST_CHECKPOINT_DEFAULTS = {"monitor": None, "save_top_k": 1, "save_last": False, "filename": "last",
+                            "enable_version_counter": False}
+
+
+class ConfigError(ValueError):
+    """A model/data/trainer setting rejected while building the objects (user input)."""
+
+
+def _data_error():
+    from .data import DataError  # the data package imports torchvision: only when needed
+    return DataError
+
+
+def _user_errors() -> tuple:
+    return (_data_error(), CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError,
+            MisconfigurationException)
+
+
+class BiFormerCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({f"checkpoint.{k}": v for k, v in CHECKPOINT_DEFAULTS.items()})
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults({f"last_checkpoint.{k}": v for k, v in LAST_CHECKPOINT_DEFAULTS.items()})
+        # num_classes may come from the files (imagefolder): read it from the built data module
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.img_size", "model.img_size")
+
+    def before_instantiate_classes(self) -> None:
+        # `fit --ckpt_path last` finds last.ckpt in the checkpoint folder of *this* run's logger version;
+        # a new TensorBoard version would have none. Continue the latest version that has one instead.
+        cfg = self.config.get(self.subcommand) if self.subcommand else None
+        if self.subcommand != "fit" or cfg.get("ckpt_path") != "last" or cfg.last_checkpoint.get("dirpath"):
+            return
+        logger = cfg.trainer.get("logger")
+        if not hasattr(logger, "get") or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+            return
+        args = logger.init_args
+        if args.get("version") is not None:
+            return
+        folder = os.path.join(args.save_dir, args.get("name") or "")
+        versions = [int(m.group(1)) for d in (os.listdir(folder) if os.path.isdir(folder) else [])
+                    if (m := re.fullmatch(r"version_(\d+)", d))
+                    and os.path.isfile(os.path.join(folder, d, "checkpoints", "last.ckpt"))]
+        if versions:
+            args.version = max(versions)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except _user_errors():
+            raise
+        except ValueError as e:
+            # raised while building model/data/trainer from the config, e.g. BiFormer's topk out of
+            # range: a setting to fix, not a bug (a traceback would only hide the message)
+            raise ConfigError(str(e)) from e
+        except TypeError as e:
+            if "unexpected keyword argument" not in str(e):  # e.g. a typo in model_kwargs; else a bug
+                raise
+            raise ConfigError(str(e)) from e
+
+
+    def after_instantiate_classes(self) -> None:
+        # Lightning merges model and data hparams for the logger and rejects a key with two values:
+        # record the data's resolved num_classes (None = "derive it") as the value the model got.
+        # (hparams_initial, the copy Lightning compares and logs, is only kept privately)
+        dm = self.datamodule
+        for hp in (getattr(dm, "hparams", None), getattr(dm, "_hparams_initial", None)):
+            if hp is not None and "num_classes" in hp and hp["num_classes"] is None:
+                hp["num_classes"] = dm.num_classes
+
+
+def _maybe_ablation(argv: List[str]) -> Optional[int]:
+    """A `fit` config with an `ablation:` section runs every arm (biformer_lit/ablation.py); None otherwise."""
+    from .ablation import AblationError, maybe_run_ablation
+    try:
+        return maybe_run_ablation(argv)
+    except AblationError as e:  # a bad ablation section or selection: user input
+        raise ConfigError(str(e)) from e
+
+
+def make_cli(args: Optional[List[str]] = None, run: bool = True) -> BiFormerCLI:
+    """The LightningCLI (args=None: sys.argv). run=False builds model, data and trainer only (tests, notebooks)."""
+    from .data import ImageDataModule  # lazily: report/visualize don't need the data stack
+    return BiFormerCLI(ClassificationModule, ImageDataModule, subclass_mode_model=False, subclass_mode_data=False,
+                       trainer_defaults=TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
+                       auto_configure_optimizers=False,  # the module's recipe owns the optimizer and schedule
+                       args=args, run=run)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; returns the exit status (0, or 2 for bad input)."""
+    from_sys = argv is None  # LightningCLI warns when given args equal to sys.argv: let it read them itself
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "report":
+        from .report import main as report_main
+        return report_main(argv[1:])
+    if argv and argv[0] == "visualize":
+        from .visualize import main as visualize_main
+        return visualize_main(argv[1:])
+    try:
+        if argv and argv[0] == "fit":
+            code = _maybe_ablation(argv)
+            if code is not None:
+                return code
+        make_cli(None if from_sys else argv)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""ClassificationModule: any timm model trained with the BiFormer paper's (DeiT) recipe.
+
+Every piece of the recipe is a constructor switch, so the CLI/YAML can turn it off for ablations:
+AdamW with lr scaled by global batch / 512, weight decay off for 1-D params and no_weight_decay()
+names, per-step linear warmup then cosine, label smoothing, Mixup/CutMix, drop path, EMA weights.
+Logged tags (other tools read them): train/loss, train/lr, train/images_per_sec, val/loss,
+val/top1, val/top5, val_ema/top1, val_ema/top5, test/loss, test/top1, test/top5 (accuracy in %).
+"""
+import math
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import lightning as L
+import timm
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from . import models as _models  # noqa: F401  (registers the BiFormer models with timm)
+from .checkpoint import load_init_weights
+
+
+def create_model(name: str, num_classes: int, img_size: int, drop_path: float,
+                 kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """timm.create_model, passing img_size only to models that take it (BiFormer, ViTs; not ResNets)."""
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model {name!r}: use a timm model name, e.g. "
+                         f"{', '.join(timm.list_models('biformer*'))}")
+    for key in ("num_classes", "img_size"):
+        if key in (kwargs or {}):
+            raise ValueError(f"model_kwargs.{key}: set it on the data (data.{key}); the CLI links it to the model")
+    kwargs = dict(kwargs or {}, num_classes=num_classes, drop_path_rate=drop_path)
+    try:
+        return timm.create_model(name, img_size=img_size, **kwargs)
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise
+    return timm.create_model(name, **kwargs)
+
+
+def param_groups(model: nn.Module, weight_decay: float):
+    """Two AdamW groups: decayed weights, and 1-D params (norms, biases) + model.no_weight_decay() names."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # no_weight_decay() may name a parameter or a module holding tables (e.g. relative_position_bias_table)
+        skipped = p.ndim <= 1 or any(name == s or name.startswith(s + ".") or name.endswith("." + s) for s in skip)
+        (no_decay if skipped else decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
+    """LR multiplier per optimizer step: linear warmup to 1 over `warmup` steps, then cosine to min_ratio.
+    A closure, not an object: LambdaLR saves the state of callable objects in the checkpoint, but a
+    resumed run should recompute the schedule from its own trainer settings (e.g. more epochs)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return factor
+
+
+class ClassificationModule(L.LightningModule):
+    """Image classification with a timm-registered model.
+
+    Args:
+        model: timm model name (BiFormer presets: biformer_tiny/small/base/stl, biformer_cpu_tiny/small).
+        model_kwargs: extra arguments to timm.create_model (e.g. depths, embed_dims, n_wins, topks).
+        num_classes, img_size: linked from the data module by the CLI; don't set them by hand there.
+        lr, min_lr: AdamW base / final lr for a global batch of `base_batch_size`; the run uses
+            lr * global_batch / base_batch_size (global batch = batch_size x devices x nodes x accumulation).
+        scale_lr: turn the batch scaling off (then lr is used as given).
+        weight_decay: AdamW decoupled decay, not applied to 1-D params and no_weight_decay() names.
+        warmup_epochs / warmup_steps: linear warmup per step (warmup_steps, if set, wins), then cosine.
+        label_smoothing: applied to hard targets, or folded into Mixup's soft targets.
+        mixup, cutmix: Beta alphas (0 = off; both 0 = no Mixup/CutMix); mixup_prob: chance a batch is
+            mixed; mixup_switch_prob: chance of CutMix instead of Mixup when both are on.
+        drop_path: stochastic depth rate (the model's drop_path_rate).
+        ema_decay: keep an EMA of the weights (e.g. 0.9998) and report val_ema/top1, val_ema/top5.
+        init_from: initialise weights from a Lightning .ckpt, a state dict, or an original BiFormer
+            release file ({"model": state_dict}); init_from_ignore_head: keep a new classifier.
+    """
+
+    def __init__(self, model: str = "biformer_cpu_tiny", model_kwargs: Optional[Dict[str, Any]] = None,
+                 num_classes: int = 10, img_size: int = 64,
+                 lr: float = 5e-4, min_lr: float = 1e-5, base_batch_size: int = 512, scale_lr: bool = True,
+                 weight_decay: float = 0.05, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 warmup_epochs: float = 5.0, warmup_steps: Optional[int] = None,
+                 label_smoothing: float = 0.1, mixup: float = 0.8, cutmix: float = 1.0,
+                 mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5, drop_path: float = 0.1,
+                 ema_decay: Optional[float] = None,
+                 init_from: Optional[str] = None, init_from_ignore_head: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = create_model(model, num_classes, img_size, drop_path, model_kwargs)
+        self.mixup_fn = None
+        if (mixup > 0 or cutmix > 0) and mixup_prob > 0:
+            self.mixup_fn = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob,
+                                  switch_prob=mixup_switch_prob, label_smoothing=label_smoothing,
+                                  num_classes=num_classes)
+            self.train_loss = SoftTargetCrossEntropy()
+        # created here so its weights are in state_dict (checkpoints restore it); refreshed after init_from
+        self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay else None
+        if self.ema is not None:
+            self.ema.requires_grad_(False)  # not trained: keeps it out of DDP's gradient buckets
+            self.ema.train()  # Lightning sets train/eval mode for the whole module; start consistent
+        top_k = min(5, num_classes)
+        acc = lambda k: MulticlassAccuracy(num_classes=num_classes, top_k=k, average="micro")  # noqa: E731
+        self.metrics = nn.ModuleDict({stage: MetricCollection({"top1": acc(1), "top5": acc(top_k)},
+                                                              compute_groups=False)
+                                      for stage in ("val", "val_ema", "test")})
+        self._t_last: Optional[float] = None
+        self._n_last = 0
+        self._initialised = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # --- set-up --------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Here rather than in __init__: load_from_checkpoint must not need the init file. On resume
+        # (--ckpt_path) the checkpoint is restored after setup and overwrites these weights.
+        if self.hparams.init_from and not self._initialised:
+            load_init_weights(self.model, self.hparams.init_from, self.hparams.init_from_ignore_head)
+            rank_zero_info(f"initialised {self.hparams.model} from {self.hparams.init_from}")
+            if self.ema is not None:
+                self.ema.set(self.model)
+        self._initialised = True
+
+    def lr_scale(self) -> float:
+        """global batch / base_batch_size (1 if scale_lr is off or the batch size is unknown)."""
+        if not self.hparams.scale_lr:
+            return 1.0
+        batch = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
+        if batch is None:
+            rank_zero_warn("lr not scaled: the batch size is unknown (no datamodule with a batch_size)")
+            return 1.0
+        return batch * self.trainer.world_size * self.trainer.accumulate_grad_batches / self.hparams.base_batch_size
+
+    def configure_optimizers(self):
+        hp, trainer = self.hparams, self.trainer
+        scale = self.lr_scale()
+        lr = hp.lr * scale
+        opt = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=lr, betas=tuple(hp.betas), eps=hp.eps)
+        total = max(1, int(trainer.estimated_stepping_batches))
+        warmup = hp.warmup_steps
+        if warmup is None:
+            batches = trainer.num_training_batches  # known once estimated_stepping_batches has run
+            per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else 0
+            warmup = round(hp.warmup_epochs * per_epoch)
+        warmup = max(0, min(int(warmup), total))
+        rank_zero_info(f"lr {lr:.3g} = {hp.lr:g} x {scale:g} (global batch / {hp.base_batch_size}); "
+                       f"min_lr {hp.min_lr * scale:.3g}; {warmup} warmup of {total} steps")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total, hp.min_lr / hp.lr))
+        return dict(optimizer=opt, lr_scheduler=dict(scheduler=sched, interval="step"))
+
+    # --- training ------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        self._n_last = x.size(0)
+        if self.mixup_fn is not None and x.size(0) > 1:
+            if x.size(0) % 2:  # timm's Mixup pairs samples; only a last, odd batch without drop_last gets here
+                x, y = x[:-1], y[:-1]
+            x, target = self.mixup_fn(x, y)
+            loss = self.train_loss(self(x).float(), target)
+        else:
+            loss = F.cross_entropy(self(x).float(), y, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True,
+                 batch_size=x.size(0))
+        # the lr this step uses (the scheduler steps after the optimizer)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
+                 rank_zero_only=True, batch_size=x.size(0))
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:  # once per optimizer step, so accumulation doesn't change the EMA horizon
+            self.ema.update(self.model)  # constant decay from the initial weights, as DeiT's ModelEma
+
+    def on_train_epoch_start(self) -> None:
+        self._t_last = None  # the first step's time includes starting the data loader: not measured
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # wall time between consecutive steps (data loading included) on rank 0, scaled by world size
+        now = time.perf_counter()
+        if self._t_last is not None and now > self._t_last:
+            self.log("train/images_per_sec", self._n_last * self.trainer.world_size / (now - self._t_last),
+                     on_step=True, on_epoch=False, rank_zero_only=True, batch_size=self._n_last)
+        self._t_last = now
+
+    # --- evaluation ----------------------------------------------------------------------------------
+    def _eval_step(self, batch, stage: str) -> None:
+        x, y = batch
+        logits = self(x).float()
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_step=False, on_epoch=True, sync_dist=True,
+                 batch_size=y.size(0))
+        self.metrics[stage].update(logits, y)
+        if stage == "val" and self.ema is not None:
+            self.metrics["val_ema"].update(self.ema.module(x).float(), y)
+
+    def _log_accuracy(self, stage: str) -> None:
+        # compute() gathers the states of all processes, so this is the accuracy over the whole set
+        for name, value in self.metrics[stage].compute().items():
+            self.log(f"{stage}/{name}", value * 100.0, sync_dist=True)
+        self.metrics[stage].reset()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_accuracy("val")
+        if self.ema is not None:
+            self._log_accuracy("val_ema")
+
+    def on_validation_end(self) -> None:
+        self._t_last = None  # don't count validation in the next training step's time
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_accuracy("test")
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x).float().softmax(dim=-1)

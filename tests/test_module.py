@@ -1,0 +1,222 @@
+"""ClassificationModule (recipe, metrics, init_from) and the atomic checkpoint IO, in-process."""
+import math
+import os
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from biformer_lit.checkpoint import AtomicCheckpointIO, CheckpointError, load_init_weights
+from biformer_lit.data import ImageDataModule
+from biformer_lit.module import ClassificationModule, create_model, param_groups, warmup_cosine
+
+TAGS = ["train/loss", "train/lr", "train/images_per_sec", "val/loss", "val/top1", "val/top5"]
+
+
+def data(**kw):
+    args = dict(dataset="synthetic", img_size=32, batch_size=8, train_size=32, val_size=16, seed=0)
+    return ImageDataModule(**dict(args, **kw))
+
+
+def trainer(tmp_path, **kw):
+    args = dict(accelerator="cpu", devices=1, max_steps=2, limit_val_batches=1, num_sanity_val_steps=0,
+                logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                log_every_n_steps=1, default_root_dir=tmp_path)
+    return L.Trainer(**dict(args, **kw))
+
+
+def module(dm, **kw):
+    return ClassificationModule(**dict(dict(num_classes=dm.num_classes, img_size=dm.img_size), **kw))
+
+
+# --- recipe pieces ---------------------------------------------------------------------------------
+def test_weight_decay_groups_skip_1d_params_and_no_weight_decay_names():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.norm = nn.Linear(4, 4), nn.LayerNorm(4)
+            self.table = nn.Parameter(torch.zeros(3, 4))  # 2-D, but named by no_weight_decay()
+
+        def no_weight_decay(self):
+            return {"table"}
+
+    decay, no_decay = param_groups(Net(), 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    net = Net()
+    decay, no_decay = param_groups(net, 0.05)
+    assert {id(p) for p in decay["params"]} == {id(net.fc.weight)}
+    assert {id(p) for p in no_decay["params"]} == {id(net.fc.bias), id(net.norm.weight), id(net.norm.bias),
+                                                     id(net.table)}
+
+
+def test_warmup_then_cosine_to_min_ratio():
+    f = warmup_cosine(warmup=4, total=20, min_ratio=0.02)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0)
+    assert f(12) == pytest.approx(0.02 + 0.98 * 0.5)  # half-way through the cosine
+    assert f(20) == pytest.approx(0.02) and f(99) == pytest.approx(0.02)
+    values = [f(s) for s in range(4, 21)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_img_size_only_for_models_that_take_it():
+    assert create_model("biformer_cpu_tiny", 3, 32, 0.0).img_size == (32, 32)
+    assert create_model("resnet10t", 3, 32, 0.0).num_classes == 3  # ResNets have no img_size argument
+    with pytest.raises(ValueError, match="data.num_classes"):
+        ClassificationModule(num_classes=3, img_size=32, model_kwargs={"num_classes": 5})
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("no_such_model", 3, 32, 0.0)
+
+
+def test_lr_scaled_by_global_batch_and_logged(tmp_path):
+    dm = data(batch_size=8)
+    m = module(dm, lr=1e-3, warmup_steps=0, mixup=0.0, cutmix=0.0)
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            seen.append(float(trainer.callback_metrics["train/lr"]))
+
+    trainer(tmp_path, max_steps=2, accumulate_grad_batches=2, callbacks=[Record()], limit_val_batches=0).fit(m, dm)
+    peak = 1e-3 * 8 * 2 / 512  # batch x accumulation x world size (1) / 512
+    assert seen[0] == pytest.approx(peak)
+    assert m.trainer.optimizers[0].param_groups[0]["lr"] < peak  # cosine has started
+
+
+def test_mixup_survives_an_odd_batch(tmp_path):
+    # timm's Mixup needs an even batch; a last odd batch (no drop_last) must not crash the epoch
+    from torch.utils.data import DataLoader, TensorDataset
+    ds = TensorDataset(torch.randn(5, 3, 32, 32), torch.randint(0, 4, (5,)))
+    m = ClassificationModule(num_classes=4, img_size=32, mixup=0.8, cutmix=1.0, warmup_steps=0)
+    t = trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    with pytest.warns(UserWarning, match="lr not scaled"):  # no datamodule: batch size unknown
+        t.fit(m, DataLoader(ds, batch_size=5))
+    assert math.isfinite(float(t.callback_metrics["train/loss"]))
+
+
+# --- short fits ------------------------------------------------------------------------------------
+PRESET_CASES = [
+    ("biformer_cpu_tiny", 64, {}),
+    ("biformer_cpu_small", 32, {}),
+    # the paper's STL layout at reduced width; n_wins/topks sized to 32 px maps (8, 4, 2, 1)
+    ("biformer_stl", 32, dict(embed_dims=[32, 64, 128, 256], depths=[1, 1, 1, 1], n_wins=[4, 4, 2, 1],
+                              topks=[4, 4, 2, 1])),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,img_size,kwargs", PRESET_CASES, ids=[c[0] for c in PRESET_CASES])
+def test_short_fit_logs_every_tag(tmp_path, name, img_size, kwargs):
+    dm = data(img_size=img_size)
+    m = module(dm, model=name, model_kwargs=kwargs, warmup_steps=1)
+    t = trainer(tmp_path, max_steps=3, val_check_interval=3)
+    t.fit(m, dm)
+    got = t.callback_metrics
+    assert set(TAGS) <= set(got), sorted(got)
+    assert all(math.isfinite(float(got[k])) for k in TAGS)
+    assert 0.0 <= float(got["val/top1"]) <= float(got["val/top5"]) <= 100.0
+    assert t.global_step == 3
+
+
+@pytest.mark.slow
+def test_ema_test_and_predict(tmp_path):
+    dm = data()
+    m = module(dm, ema_decay=0.5, warmup_steps=0, drop_path=0.0)
+    t = trainer(tmp_path, max_steps=2, val_check_interval=2)
+    t.fit(m, dm)
+    assert {"val_ema/top1", "val_ema/top5"} <= set(t.callback_metrics)
+    ema, live = m.ema.module.state_dict(), m.model.state_dict()
+    assert any(not torch.equal(ema[k], live[k]) for k in live if live[k].is_floating_point())
+    assert not any(p.requires_grad for p in m.ema.parameters())
+    # the EMA weights are part of the checkpoint, so a resumed run keeps its average
+    path = tmp_path / "m.ckpt"
+    t.save_checkpoint(path)
+    back = ClassificationModule.load_from_checkpoint(path, weights_only=True)
+    assert torch.equal(back.ema.module.head.weight, m.ema.module.head.weight)
+    res = trainer(tmp_path, limit_test_batches=1).test(m, dm, verbose=False)[0]
+    assert set(res) >= {"test/top1", "test/top5"} and 0 <= res["test/top1"] <= 100
+    probs = trainer(tmp_path, limit_predict_batches=1).predict(m, dm)[0]
+    assert probs.shape == (8, dm.num_classes)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(8))
+
+
+@pytest.mark.slow
+def test_bf16_mixed_on_cpu(tmp_path):
+    dm = data()
+    t = trainer(tmp_path, precision="bf16-mixed", max_steps=2, val_check_interval=2)
+    t.fit(module(dm, warmup_steps=0), dm)
+    assert math.isfinite(float(t.callback_metrics["train/loss"]))
+    assert math.isfinite(float(t.callback_metrics["val/top1"]))
+
+
+# --- init_from -------------------------------------------------------------------------------------
+def tiny(num_classes=4):
+    return ClassificationModule(num_classes=num_classes, img_size=32, drop_path=0.0)
+
+
+@pytest.mark.parametrize("layout", ["lightning", "bare", "release"])
+def test_init_from_each_layout(tmp_path, layout):
+    src = tiny()
+    path = tmp_path / "w.pt"
+    sd = src.model.state_dict()
+    obj = {"lightning": {"state_dict": src.state_dict(), "epoch": 3}, "bare": sd, "release": {"model": sd}}[layout]
+    torch.save(obj, path)
+    dst = ClassificationModule(num_classes=4, img_size=32, drop_path=0.0, init_from=str(path), ema_decay=0.9)
+    assert not torch.equal(dst.model.head.weight, src.model.head.weight)  # loaded in setup(), not __init__
+    dst.setup("fit")
+    for k, v in sd.items():
+        assert torch.equal(dst.model.state_dict()[k], v), k
+    assert torch.equal(dst.ema.module.head.weight, src.model.head.weight)  # the EMA starts from them too
+
+
+def test_init_from_head_mismatch_names_both_counts(tmp_path):
+    path = tmp_path / "ten.pt"
+    torch.save({"model": tiny(10).model.state_dict()}, path)
+    with pytest.raises(CheckpointError, match=r"10 classes but the model has 4"):
+        load_init_weights(tiny(4).model, str(path))
+    m = tiny(4)
+    before = m.model.head.weight.clone()
+    load_init_weights(m.model, str(path), ignore_head=True)
+    assert torch.equal(m.model.head.weight, before)  # the new head is kept
+    assert torch.equal(m.model.stem.conv.weight, torch.load(path, weights_only=True)["model"]["stem.conv.weight"])
+
+
+def test_init_from_rejects_other_models_missing_files_and_pickles(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save(ClassificationModule(model="biformer_cpu_small", num_classes=4, img_size=32).model.state_dict(), other)
+    with pytest.raises(CheckpointError, match="does not fit model"):
+        load_init_weights(tiny().model, str(other))
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_init_weights(tiny().model, str(tmp_path / "nope.pt"))
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": tiny().model.state_dict(), "args": Opaque()}, pickled)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_init_weights(tiny().model, str(pickled))
+
+
+class Opaque:  # an arbitrary pickled object: what weights_only=True refuses to load
+    pass
+
+
+# --- atomic checkpoint writes ----------------------------------------------------------------------
+def test_atomic_save_replaces_whole_files_and_loads_safely(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "ck" / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    assert io.load_checkpoint(path)["step"] == 1
+    assert oct(os.stat(path).st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
+
+    def killed(obj, f, *a, **k):  # dies half-way through writing
+        f.write(b"PK\x03\x04 truncated")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert io.load_checkpoint(path)["step"] == 1  # the previous checkpoint, intact
+    assert os.listdir(path.parent) == ["last.ckpt"]  # no temp file left behind
+    io.save_checkpoint({"step": 3, "x": Opaque()}, path)
+    with pytest.raises(Exception, match="weights_only|Unsupported global"):
+        io.load_checkpoint(path)
