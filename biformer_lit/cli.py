@@ -15,9 +15,10 @@ from typing import List, Optional
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .checkpoint import CheckpointError
-from .module import ClassificationModule
+from .module import ClassificationModule, NonFiniteLossError
 
 TRAINER_DEFAULTS = {
     "max_epochs": 10,  # CPU-sized; ImageNet runs set 300 (docs/training.md)
@@ -47,7 +48,7 @@ def _data_error():
 
 def _user_errors() -> tuple:
     return (_data_error(), CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError,
-            MisconfigurationException)
+            MisconfigurationException, NonFiniteLossError)
 
 
 class BiFormerCLI(LightningCLI):
@@ -138,6 +139,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             if code is not None:
                 return code
         make_cli(None if from_sys else argv)
+    except SIGTERMException:
+        # Lightning stopped after the batch in flight; PreemptionCheckpoint saved last.ckpt
+        print("interrupted by SIGTERM: last.ckpt saved; run the same command with --ckpt_path last to continue",
+              file=sys.stderr)
+        return 143
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

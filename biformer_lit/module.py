@@ -26,6 +26,10 @@ from . import models as _models  # noqa: F401  (registers the BiFormer models wi
 from .checkpoint import load_init_weights
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training diverged (NaN/inf loss): reported without a traceback, the run's checkpoints kept."""
+
+
 def create_model(name: str, num_classes: int, img_size: int, drop_path: float,
                  kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
     """timm.create_model, passing img_size only to models that take it (BiFormer, ViTs; not ResNets)."""
@@ -125,6 +129,10 @@ class ClassificationModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def configure_callbacks(self):
+        from .reliability import EpochSeed, PreemptionCheckpoint
+        return [EpochSeed(), PreemptionCheckpoint()]
+
     # --- set-up --------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         # Here rather than in __init__: load_from_checkpoint must not need the init file. On resume
@@ -174,6 +182,12 @@ class ClassificationModule(L.LightningModule):
             loss = self.train_loss(self(x).float(), target)
         else:
             loss = F.cross_entropy(self(x).float(), y, label_smoothing=self.hparams.label_smoothing)
+        if not torch.isfinite(loss):
+            # stop before the optimizer step writes NaNs into the weights; the checkpoints on disk are the
+            # last good ones (see biformer_lit.reliability)
+            raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at global step {self.global_step}, "
+                                     f"epoch {self.current_epoch}, batch {batch_idx}: stopping; the last good "
+                                     f"checkpoint is kept (resume with --ckpt_path last, e.g. with a lower lr)")
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True,
                  batch_size=x.size(0))
         # the lr this step uses (the scheduler steps after the optimizer)

@@ -307,6 +307,10 @@ PRESETS = {
     "biformer_cpu_tiny": dict(depths=(1, 1, 2, 1), embed_dims=(32, 64, 128, 256), mlp_ratios=3, head_dim=16,
                               n_wins=(4, 4, 2, 1), topks=(4, 4, 2, 1), attn=("bra", "bra", "bra", "full"),
                               stem="patch", pos_embed=False, img_size=64),
+    # The STL layout at half the paper's resolution (112x112: maps 28, 14, 7, 3) with the paper's region
+    # grid (n_win 7, top-k 1-4-16), so ablation arms written for it carry over to 224x224 unchanged.
+    "biformer_cpu_stl": dict(STL, depths=(1, 1, 2, 1), embed_dims=(32, 64, 128, 256), head_dim=16,
+                             num_heads=(None, None, None, 8), mlp_ratios=3, scale_mode="head", img_size=112),
     "biformer_cpu_small": dict(depths=(2, 2, 4, 2), embed_dims=(48, 96, 192, 384), mlp_ratios=3, head_dim=16,
                                n_wins=(4, 4, 2, 1), topks=(4, 4, 2, 1), attn=("bra", "bra", "bra", "full"),
                                stem="patch", pos_embed=False, img_size=64),

@@ -1,0 +1,52 @@
+"""What keeps long runs alive and reproducible (attached by ClassificationModule.configure_callbacks).
+
+- EpochSeed: every training epoch reseeds python/numpy/torch from (seed, epoch, rank). An epoch's
+  randomness (drop path, Mixup/CutMix, augmentation) then does not depend on what ran before it,
+  so a run resumed from an epoch-end checkpoint continues exactly as the uninterrupted run would
+  (the data order is a function of (seed, epoch) too: see data.datamodule.EpochShuffleSampler).
+- PreemptionCheckpoint: on SIGTERM (what SLURM sends before preemption or at the time limit),
+  Lightning stops after the current batch; this writes last.ckpt first, so the same command with
+  `--ckpt_path last` (or a requeued SLURM job) continues. SIGKILL can't be caught: the run resumes
+  from the last epoch-end last.ckpt, which is written atomically (biformer_lit.checkpoint).
+- Non-finite loss stops the run in ClassificationModule.training_step before the optimizer step.
+"""
+import os
+import random
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % 2**32
+
+
+class EpochSeed(L.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))  # set by seed_everything
+        s = epoch_seed(seed, trainer.current_epoch, trainer.global_rank)
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+
+
+def last_checkpoint_path(trainer) -> str:
+    """Where `--ckpt_path last` looks: the folder of the checkpoint callback without a monitor."""
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.monitor is None and cb.dirpath:
+            return os.path.join(cb.dirpath, "last" + cb.FILE_EXTENSION)
+    folder = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir
+    return os.path.join(folder, "last.ckpt")
+
+
+class PreemptionCheckpoint(L.Callback):
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            path = last_checkpoint_path(trainer)
+            trainer.save_checkpoint(path)  # collective in DDP: every rank is here
+            rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; "
+                           f"run the same command with --ckpt_path last to continue")
