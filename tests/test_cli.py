@@ -56,6 +56,7 @@ def test_dispatch_and_ablation_hook(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     calls = []
     fake = types.ModuleType("biformer_lit.ablation")
+    fake.AblationError = type("AblationError", (ValueError,), {})
     fake.maybe_run_ablation = lambda argv: calls.append(argv) or (7 if "--ablate" in argv else None)
     monkeypatch.setitem(sys.modules, "biformer_lit.ablation", fake)
     assert main(["fit", "--ablate"]) == 7
