@@ -121,7 +121,7 @@ def test_capture_is_off_by_default_and_costs_nothing():
     (dict(kind="bra", topk=0, n_win=4), r"topk=0 is out of range"),
     (dict(kind="window", n_win=0), r"n_win=0"),
     (dict(kind="full", dim=30, num_heads=4), r"dim=30 is not divisible by num_heads=4"),
-    (dict(kind="axial", num_heads=3, dim=48), r"num_heads=3 must be even"),
+    (dict(kind="axial", num_heads=1, dim=48), r"num_heads=1 must be >= 2"),
     (dict(kind="flash"), r"unknown attention 'flash'; known: axial, bra, dilated, full, shifted_window, window"),
     (dict(kind="bra", backend="cuda"), r"backend='cuda'; allowed"),
     (dict(kind="window", scale_mode="x"), r"scale_mode='x'"),

@@ -50,11 +50,11 @@ def stripe_pattern(h, w, width, axis):
 
 
 def axial_pattern(h, w, n_win, num_heads, stripe_width=None):
-    """Per-head (heads, N, N): first half of the heads in row stripes, second half in column stripes."""
+    """Per-head (heads, N, N): the first heads // 2 heads in row stripes, the others in column stripes."""
     wr = min(stripe_width, h) if stripe_width else math.ceil(h / n_win)
     wc = min(stripe_width, w) if stripe_width else math.ceil(w / n_win)
     rows, cols = stripe_pattern(h, w, wr, 0), stripe_pattern(h, w, wc, 1)
-    return torch.stack([rows] * (num_heads // 2) + [cols] * (num_heads // 2))
+    return torch.stack([rows] * (num_heads // 2) + [cols] * (num_heads - num_heads // 2))
 
 
 def region_of(h, w, n_win):

@@ -1,0 +1,139 @@
+"""The ablation runner: shipped YAMLs, arm selection, skip-finished / resume-interrupted, report."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from biformer_lit.ablation import AblationError, maybe_run_ablation
+
+REPO = Path(__file__).resolve().parents[1]
+ABLATIONS = sorted((REPO / "experiments").glob("*_ablation.yaml"))
+TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false", "--data.train_size=64", "--data.val_size=32", "--data.batch_size=16"]
+
+
+def cli(args, cwd, check=True):
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode:
+        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return proc
+
+
+def test_three_ablations_ship():
+    assert {p.stem for p in ABLATIONS} >= {"topk_ablation", "region_ablation", "attention_ablation"}
+
+
+@pytest.mark.parametrize("path", ABLATIONS, ids=lambda p: p.stem)
+def test_every_arm_builds(path, tmp_path, capsys):
+    """Each arm's config is complete and valid: build model, data and trainer for every arm (no training)."""
+    from biformer_lit.ablation import arm_config, load_config, plan
+    from biformer_lit.cli import make_cli
+    cfg = load_config([str(path)])
+    p = plan(cfg.pop("ablation"))
+    assert len(p["arms"]) >= 3
+    for arm in p["arms"]:
+        run_dir = tmp_path / p["name"] / arm["name"] / "seed_0"
+        run_dir.mkdir(parents=True)
+        arm_cfg = arm_config(cfg, arm, 0, run_dir, p["name"], visualize=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(arm_cfg))
+        built = make_cli(["--config", str(run_dir / "config.yaml")], run=False)
+        x = __import__("torch").randn(2, 3, built.datamodule.img_size, built.datamodule.img_size)
+        assert built.model(x).shape == (2, built.datamodule.num_classes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ABLATIONS, ids=lambda p: p.stem)
+def test_every_arm_runs_a_step(path, tmp_path):
+    out = cli(["fit", "--config", str(path), "--ablation.runs_dir=runs", "--ablation.parallel=2", *TINY], tmp_path)
+    name = yaml.safe_load(path.read_text())["ablation"]["name"]
+    arms = [a["name"] for a in yaml.safe_load(path.read_text())["ablation"]["arms"]]
+    for arm in arms:
+        status = json.loads((tmp_path / "runs" / name / arm / "seed_0" / "arm.json").read_text())
+        assert status["status"] == "finished", (arm, out.stdout[-2000:])
+
+
+def write_ablation(tmp_path) -> Path:
+    cfg = yaml.safe_load((REPO / "experiments" / "base.yaml").read_text())
+    cfg.pop("trainer", None)
+    cfg["trainer"] = {"accelerator": "cpu", "devices": 1}
+    cfg["ablation"] = {"name": "mini", "visualize": False, "arms": [
+        {"name": "k1", "overrides": {"model.model_kwargs": {"topks": [1, 1, 1, 1]}}},
+        {"name": "k4", "overrides": {"model.model_kwargs": {"topks": [4, 4, 2, 1]}}},
+        {"name": "win", "overrides": {"model.model_kwargs": {"attn": ["window", "window", "window", "full"]}}}]}
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_selection_by_name_and_index(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_ablation(tmp_path)
+    assert maybe_run_ablation(["fit", "--config", str(path), "--ablation.only=k4", "--ablation.dry_run=true"]) == 0
+    out = capsys.readouterr().out
+    assert "would run k4/seed_0" in out and "k1/" not in out
+    assert maybe_run_ablation(["fit", "--config", str(path), "--ablation.index=2", "--ablation.seeds=[0,1]",
+                               "--ablation.dry_run=true"]) == 0
+    out = capsys.readouterr().out
+    assert "would run win/seed_0" in out and "would run win/seed_1" in out and "k1" not in out
+    with pytest.raises(AblationError, match=r"--ablation.only='k9': no such arm; arms: k1, k4, win"):
+        maybe_run_ablation(["fit", "--config", str(path), "--ablation.only=k9"])
+    with pytest.raises(AblationError, match=r"--ablation.index=3 is out of range: 3 arms \(0..2\)"):
+        maybe_run_ablation(["fit", "--config", str(path), "--ablation.index=3"])
+    assert maybe_run_ablation(["fit", "--config", str(REPO / "experiments" / "base.yaml")]) is None
+
+
+def test_bad_selection_exits_cleanly(tmp_path):
+    path = write_ablation(tmp_path)
+    proc = cli(["fit", "--config", str(path), "--ablation.only=nope"], tmp_path, check=False)
+    assert proc.returncode == 2 and "no such arm" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_skip_finished_resume_interrupted_and_report(tmp_path):
+    path = write_ablation(tmp_path)
+    args = ["fit", "--config", str(path), "--ablation.only=[k1,k4]", *TINY]
+    cli(args, tmp_path)
+    runs = tmp_path / "runs" / "mini"
+    k1, k4 = runs / "k1" / "seed_0", runs / "k4" / "seed_0"
+    assert json.loads((k1 / "arm.json").read_text())["status"] == "finished"
+    events_before = sorted(p.name for p in k1.glob("events.out.tfevents.*"))
+
+    # k4 "was killed": its status says running, its last checkpoint is there
+    info = json.loads((k4 / "arm.json").read_text())
+    (k4 / "arm.json").write_text(json.dumps(dict(info, status="running")))
+    out = cli(args[:-len(TINY)] + TINY[1:] + ["--trainer.max_epochs=2"], tmp_path).stdout
+    assert "skip finished k1/seed_0" in out
+    assert "start k4/seed_0 (resuming)" in out
+    assert sorted(p.name for p in k1.glob("events.out.tfevents.*")) == events_before  # nothing recomputed
+    ckpt = __import__("torch").load(k4 / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 4  # continued from epoch 1, not restarted
+
+    from biformer_lit.report import load_runs, make_report, summarize
+    rows = summarize(load_runs(runs))
+    assert [r["arm"] for r in rows] == ["k1", "k4"]
+    for r in rows:
+        assert r["params_m"] > 0 and r["gflops"] > 0 and r["train_images_per_sec"] > 0 and r["top1_mean"] >= 0
+    report = make_report(runs).read_text()
+    assert "| k1 |" in report and "| k4 |" in report
+
+
+@pytest.mark.parametrize("data", ["imagenet", "cifar100"])
+@pytest.mark.parametrize("path", ABLATIONS, ids=lambda p: p.stem)
+def test_paper_scale_switch_keeps_every_arm_valid(path, data, tmp_path):
+    """`--config experiments/data/<data>.yaml` after an ablation: BiFormer-STL at 224 for every arm."""
+    import timm
+    from biformer_lit.ablation import arm_config, load_config, plan
+    cfg = load_config([str(path), str(REPO / "experiments" / "data" / f"{data}.yaml")])
+    p = plan(cfg.pop("ablation"))
+    assert cfg["model"]["model"] == "biformer_stl" and cfg["data"]["img_size"] == 224
+    assert cfg["trainer"]["max_epochs"] == 300
+    for arm in p["arms"]:
+        model = arm_config(cfg, arm, 0, tmp_path / arm["name"] / "seed_0", p["name"], True)["model"]
+        net = timm.create_model(model["model"], img_size=224, **model.get("model_kwargs", {}))
+        assert net.stage_cfg["depths"] == [2, 2, 6, 2] and net.stage_cfg["embed_dims"] == [96, 192, 384, 768]
