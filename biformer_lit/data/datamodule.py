@@ -1,0 +1,147 @@
+"""ImageDataModule: one LightningDataModule for the synthetic task, CIFAR-10/100 and ImageFolder.
+
+Mixup/CutMix are applied by the LightningModule on batches, not here.
+"""
+from typing import Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import DataError
+from .datasets import CIFAR, CIFAR_STATS, ImageFolderDataset, cifar, class_folders
+from .sampler import EpochShuffleSampler
+from .synthetic import DEFAULT_NUM_CLASSES, SyntheticRelations, check_num_classes
+
+DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Train/val loaders for `dataset`; test and predict use the val split.
+
+    `num_classes` is known before setup() (LightningCLI links it to the model at instantiation):
+    chosen for synthetic (default 4), fixed for CIFAR, the number of class folders of root/train for
+    imagefolder. `rand_augment` (a timm string such as "rand-m9-mstd0.5-inc1") and
+    `random_erasing` apply to real data only.
+    """
+
+    def __init__(self, dataset: str = "synthetic", root: Optional[str] = None, img_size: int = 64,
+                 batch_size: int = 64, num_workers: int = 0, num_classes: Optional[int] = None,
+                 train_size: int = 4096, val_size: int = 1024, difficulty: float = 0.5, seed: int = 0,
+                 download: bool = False, rand_augment: Optional[str] = None, random_erasing: float = 0.0,
+                 skip_corrupt: bool = False, pin_memory: bool = False):
+        super().__init__()
+        if dataset not in DATASETS:
+            raise DataError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
+        for name, v, lo in (("img_size", img_size, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if not isinstance(v, int) or v < lo:
+                raise DataError(f"{name}={v!r} must be an integer >= {lo}")
+        if not 0.0 <= random_erasing <= 1.0:
+            raise DataError(f"random_erasing={random_erasing!r} is a probability: use a value in [0, 1]")
+        if dataset == "synthetic":
+            if rand_augment or random_erasing:
+                raise DataError(f"rand_augment={rand_augment!r} / random_erasing={random_erasing!r} apply to "
+                                "real data only (they would change the synthetic labels): leave them unset")
+            check_num_classes(DEFAULT_NUM_CLASSES if num_classes is None else num_classes)
+            if not 0.0 <= difficulty <= 1.0:
+                raise DataError(f"difficulty={difficulty!r} is outside [0, 1]")
+            for name, v in (("train_size", train_size), ("val_size", val_size)):
+                if not isinstance(v, int) or v < 1:
+                    raise DataError(f"{name}={v!r} must be a positive integer")
+        elif root is None:
+            raise DataError(f"dataset {dataset!r} needs --data.root (the folder holding its files)")
+        self.save_hyperparameters()
+        self.dataset, self.root, self.img_size, self.batch_size = dataset, root, img_size, batch_size
+        self.num_workers, self.seed, self.pin_memory = num_workers, seed, pin_memory
+        self._num_classes_arg = num_classes
+        self._num_classes: Optional[int] = None
+        self.train_set: Optional[Dataset] = None
+        self.val_set: Optional[Dataset] = None
+        if num_classes is not None and dataset != "synthetic":
+            _ = self.num_classes  # checks the given value against the data now, not at first use
+
+    @property
+    def num_classes(self) -> int:
+        if self._num_classes is None:
+            if self.dataset == "synthetic":
+                n = DEFAULT_NUM_CLASSES if self._num_classes_arg is None else self._num_classes_arg
+            elif self.dataset in CIFAR:
+                n = CIFAR[self.dataset][2]
+            else:
+                n = len(class_folders(self.root, "train"))
+            given = self._num_classes_arg
+            if given is not None and given != n:
+                raise DataError(f"num_classes={given} disagrees with {self.dataset} under {self.root}, "
+                                f"which has {n} classes: leave num_classes unset")
+            self._num_classes = n
+        return self._num_classes
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable images skipped so far (imagefolder with skip_corrupt=True; else 0)."""
+        return sum(getattr(ds, "skipped", 0) for ds in (self.train_set, self.val_set) if ds is not None)
+
+    def _transforms(self, mean, std, crop_pct: Optional[float]):
+        from timm.data import create_transform
+
+        hp = self.hparams
+        train = create_transform(self.img_size, is_training=True, auto_augment=hp.rand_augment,
+                                 re_prob=hp.random_erasing, re_mode="pixel", interpolation="bicubic",
+                                 mean=mean, std=std)
+        val = create_transform(self.img_size, is_training=False, interpolation="bicubic",
+                               crop_pct=crop_pct, mean=mean, std=std)
+        return train, val
+
+    def prepare_data(self) -> None:
+        # Lightning calls this on one process only: the place for the (opt-in) download.
+        if self.dataset in CIFAR and self.hparams.download:
+            cifar(self.dataset, self.root, train=True, download=True)
+            cifar(self.dataset, self.root, train=False, download=True)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_set is not None:
+            return
+        hp = self.hparams
+        n = self.num_classes
+        if self.dataset == "synthetic":
+            kw = dict(img_size=self.img_size, num_classes=n, difficulty=hp.difficulty,
+                      train_size=hp.train_size, val_size=hp.val_size, seed=self.seed)
+            self.train_set, self.val_set = SyntheticRelations("train", **kw), SyntheticRelations("val", **kw)
+        elif self.dataset in CIFAR:
+            # crop_pct 1: a 32 px image has no border to spare for the usual centre crop
+            train_tf, val_tf = self._transforms(*CIFAR_STATS[self.dataset], crop_pct=1.0)
+            self.train_set = cifar(self.dataset, self.root, True, train_tf, hp.download)
+            self.val_set = cifar(self.dataset, self.root, False, val_tf, hp.download)
+        else:
+            train_tf, val_tf = self._transforms(*IMAGENET_STATS, crop_pct=None)
+            self.train_set = ImageFolderDataset(self.root, "train", train_tf, hp.skip_corrupt)
+            self.val_set = ImageFolderDataset(self.root, "val", val_tf, hp.skip_corrupt,
+                                              classes=self.train_set.classes)
+
+    def _loader(self, train: bool) -> DataLoader:
+        self.setup()  # no-op once done; lets the loaders be used without a Trainer
+        ds = self.train_set if train else self.val_set
+        sampler = None
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        if train and not distributed:
+            # the order of epoch e is a function of (seed, e) alone: a resumed run sees the same batches
+            # (under DDP, Lightning's DistributedSampler does the same with its own set_epoch)
+            sampler = EpochShuffleSampler(len(ds), self.seed)
+        # worker seeds come from this generator: same seed -> same augmentation draws
+        gen = torch.Generator().manual_seed(self.seed) if train else None
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, shuffle=train and distributed,
+                          drop_last=train, generator=gen, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(train=False)
