@@ -14,7 +14,7 @@ from biformer_lit.cli import main, make_cli
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "reference" / "official_biformer.pt"
 # tiny runs: 32 px synthetic images, 4 training batches of 8, every step logged
-SMALL = ["--data.img_size", "32", "--data.batch_size", "8", "--data.train_size", "32", "--data.val_size", "16",
+SMALL = ["--data.img_size", "64", "--data.batch_size", "8", "--data.train_size", "32", "--data.val_size", "16",
          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.log_every_n_steps", "1", "--model.warmup_steps", "1"]
 TAGS = {"train/loss", "train/lr", "train/images_per_sec", "val/loss", "val/top1", "val/top5"}
@@ -115,7 +115,7 @@ def test_ddp_two_processes_sync_val_metrics(tmp_path):
     from biformer_lit.data import ImageDataModule
     from biformer_lit.module import ClassificationModule
     model = ClassificationModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True).eval()
-    dm = ImageDataModule(img_size=32, batch_size=8, train_size=32, val_size=val_size)
+    dm = ImageDataModule(img_size=64, batch_size=8, train_size=32, val_size=val_size)
     dm.setup("validate")
     per_rank = []
     with torch.no_grad():
@@ -181,7 +181,7 @@ def _bad_cases(root: Path):
         "empty_class": (["fit", *SMALL, *folder, "--data.root", str(root / "empty")], "has no images"),
         "corrupt_image": (["fit", *SMALL, *folder, "--data.root", str(root / "corrupt")], "broken.png"),
         "class_count": (["fit", *SMALL, "--model.init_from", str(root / "ten_classes.pth")],
-                        "10 classes but the model has 8"),
+                        "10 classes but the model has 4"),
         "missing_ckpt": (["fit", *SMALL, "--ckpt_path", str(root / "gone.ckpt")], "gone.ckpt"),
         "missing_init": (["validate", *SMALL, "--model.init_from", str(root / "gone.pth")], "gone.pth"),
         "unknown_key": (["fit", "--model.no_such_option", "1"], "no_such_option"),

@@ -15,7 +15,7 @@ TAGS = ["train/loss", "train/lr", "train/images_per_sec", "val/loss", "val/top1"
 
 
 def data(**kw):
-    args = dict(dataset="synthetic", img_size=32, batch_size=8, train_size=32, val_size=16, seed=0)
+    args = dict(dataset="synthetic", img_size=64, batch_size=8, train_size=32, val_size=16, seed=0)
     return ImageDataModule(**dict(args, **kw))
 
 
@@ -98,10 +98,13 @@ def test_mixup_survives_an_odd_batch(tmp_path):
 # --- short fits ------------------------------------------------------------------------------------
 PRESET_CASES = [
     ("biformer_cpu_tiny", 64, {}),
-    ("biformer_cpu_small", 32, {}),
-    # the paper's STL layout at reduced width; n_wins/topks sized to 32 px maps (8, 4, 2, 1)
-    ("biformer_stl", 32, dict(embed_dims=[32, 64, 128, 256], depths=[1, 1, 1, 1], n_wins=[4, 4, 2, 1],
+    ("biformer_cpu_small", 64, {}),
+    ("biformer_cpu_stl", 64, dict(n_wins=[4, 4, 2, 1], topks=[1, 4, 4, 1])),
+    # the paper's layouts at reduced width; n_wins/topks sized to 64 px maps (16, 8, 4, 2)
+    ("biformer_stl", 64, dict(embed_dims=[32, 64, 128, 256], depths=[1, 1, 1, 1], n_wins=[4, 4, 2, 1],
                               topks=[4, 4, 2, 1])),
+    ("biformer_tiny", 64, dict(embed_dims=[32, 64, 128, 256], depths=[1, 1, 1, 1], n_wins=[4, 4, 2, 1],
+                               topks=[4, 4, 2, 1])),
 ]
 
 

@@ -38,7 +38,7 @@ class RunStats(L.Callback):
     """Args: knobs: what distinguishes this run (e.g. an ablation arm's overrides) for the HPARAMS tab;
     skip_batches: first training batches left out of the throughput (warm-up)."""
 
-    def __init__(self, knobs: Optional[dict] = None, skip_batches: int = 2):
+    def __init__(self, knobs: Optional[dict] = None, skip_batches: int = 1):
         self.knobs = dict(knobs or {})
         self.skip_batches = skip_batches
         self.best = {}
