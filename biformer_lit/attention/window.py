@@ -18,11 +18,13 @@ def shifted_window_ids(size: int, cell: int, shift: int, device) -> torch.Tensor
 class WindowAttention(TokenMixer):
     """Each token attends to the tokens of its own window (windows of ceil(H/n_win) x ceil(W/n_win))."""
 
+    pattern = WINDOWS  # how tokens are grouped; DilatedAttention swaps only this
+
     def mix(self, q, k, v):
         h, w = q.shape[1:3]
         wh, hp = grid_cells(h, self.n_win)
         ww, wp = grid_cells(w, self.n_win)
-        out = grouped_attention(*pad_all((q, k, v), hp, wp), self.num_heads, self.scale, WINDOWS,
+        out = grouped_attention(*pad_all((q, k, v), hp, wp), self.num_heads, self.scale, self.pattern,
                                 dict(nh=self.n_win, nw=self.n_win, wh=wh, ww=ww),
                                 valid=valid_map(h, w, hp, wp, q.device))
         return crop_hw(out, h, w)
