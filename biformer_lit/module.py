@@ -125,6 +125,7 @@ class ClassificationModule(L.LightningModule):
         self._t_last: Optional[float] = None
         self._n_last = 0
         self._initialised = False
+        self._skipped_seen = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -202,6 +203,16 @@ class ClassificationModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._t_last = None  # the first step's time includes starting the data loader: not measured
+
+    def on_train_epoch_end(self) -> None:
+        # --data.skip_corrupt: say how many unreadable images this epoch passed over (the count is cumulative)
+        dm = getattr(self.trainer, "datamodule", None)
+        total = getattr(dm, "skipped", 0) or 0
+        if total > self._skipped_seen:
+            rank_zero_warn(f"epoch {self.current_epoch}: {total - self._skipped_seen} unreadable image(s) skipped "
+                           f"(--data.skip_corrupt; {total} so far)")
+            self.log("data/skipped_images", float(total), rank_zero_only=True)
+        self._skipped_seen = total
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # wall time between consecutive steps (data loading included) on rank 0, scaled by world size

@@ -199,7 +199,7 @@ def markdown_table(rows: list[dict]) -> str:
         cells = [
             r["arm"].replace("|", "\\|"),  # a pipe would split the cell
             _fmt(r["params_m"], ".2f"),
-            _fmt(r["gflops"], ".2f"),
+            _fmt(r["gflops"], ".3g"),
             _fmt(r["train_images_per_sec"], ".0f"),
             _fmt(r["peak_memory_mb"], ".0f"),
             top1,

@@ -223,3 +223,17 @@ def test_atomic_save_replaces_whole_files_and_loads_safely(tmp_path, monkeypatch
     io.save_checkpoint({"step": 3, "x": Opaque()}, path)
     with pytest.raises(Exception, match="weights_only|Unsupported global"):
         io.load_checkpoint(path)
+
+
+def test_skipped_corrupt_images_are_reported_each_epoch(tmp_path):
+    from test_data import _image_folder
+    from biformer_lit.data import ImageDataModule
+    root = _image_folder(tmp_path, per_class=4)
+    (root / "train" / "a" / "2.png").write_bytes(b"not a png")
+    dm = ImageDataModule("imagefolder", root=str(root), img_size=64, batch_size=2, skip_corrupt=True)
+    module = ClassificationModule(num_classes=dm.num_classes, img_size=64, mixup=0, cutmix=0, drop_path=0.0)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
+    with pytest.warns(UserWarning, match=r"epoch 0: 1 unreadable image\(s\) skipped") as record:
+        trainer.fit(module, datamodule=dm)
+    assert any("epoch 1: 1 unreadable image(s) skipped (--data.skip_corrupt; 2 so far)" in str(w.message) for w in record)

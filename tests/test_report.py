@@ -109,8 +109,8 @@ def test_markdown_table(ablation):
     runs = report.load_runs(ablation)
     lines = report.markdown_table(report.summarize(runs)).splitlines()
     assert lines[0] == "| arm | params (M) | GFLOPs | train img/s | peak mem (MB) | top-1 (%) | top-5 (%) |"
-    assert lines[2] == "| window | 10.00 | 2.00 | 1000 | 3000 | 59.00 ± 2.83 (n=2) | 79.00 |"
-    assert lines[3] == "| brsa | 12.50 | 2.30 | 810 | 3600 | 65.75 ± 0.35 (n=2) | 85.75 |"
+    assert lines[2] == "| window | 10.00 | 2 | 1000 | 3000 | 59.00 ± 2.83 (n=2) | 79.00 |"
+    assert lines[3] == "| brsa | 12.50 | 2.3 | 810 | 3600 | 65.75 ± 0.35 (n=2) | 85.75 |"
     # One seed: no std; a running run without end-of-fit tags shows dashes.
     one = report.markdown_table(report.summarize([r for r in runs if (r["arm"], r["seed"]) == ("window", 1)]))
     assert one.splitlines()[2] == "| window | — | — | — | — | 57.00 ± — (n=1) | 77.00 |"
