@@ -62,7 +62,6 @@ def test_sigkill_then_same_command_gives_identical_run(uninterrupted, tmp_path, 
     proc.wait()
     before = torch.load(last_ckpt(tmp_path), weights_only=True)  # loads: the write was atomic
     assert before["global_step"] < uninterrupted["step"], "killed too late to test anything"
-    assert not list(last_ckpt(tmp_path).parent.glob("*.tmp*")) or True  # leftovers are harmless temp files
     again = start(RUN + ["--ckpt_path", "last"], tmp_path)
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, err[-2000:]
