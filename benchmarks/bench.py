@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -25,16 +24,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from biformer_lit.callbacks.run_stats import peak_memory_mb  # noqa: E402  (after the path insert)
 
 # The paper's stage shapes for BiFormer-T at 224x224 (batch 8): (name, H, W, C, heads, n_win, topk)
 STAGES = [("stage1 56x56", 56, 56, 64, 2, 7, 1), ("stage2 28x28", 28, 28, 128, 4, 7, 4),
           ("stage3 14x14", 14, 14, 256, 8, 7, 16)]
 # the stage-1 map of a 600x500 image, where the original's memory explodes (batch 1)
 LARGE = ("600x500 stage1 150x125", 150, 125, 64, 2, 7)
-
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def timed(fn, device, repeats: int) -> float:
@@ -56,7 +52,7 @@ def run_layer(case):
     from biformer_lit.attention import create_attention
     dev, dtype = case["device"], case.get("dtype", "fp32")
     x = torch.randn(case["batch"], case["h"], case["w"], case["c"], device=dev, requires_grad=True)
-    base = rss_mb()
+    base = peak_memory_mb(torch.device("cpu"))
     if case.get("idle"):
         return dict(peak_mb=0.0, base_mb=base)
     m = create_attention(case["kind"], case["c"], case["heads"], n_win=case["n_win"], topk=case["topk"],
@@ -75,7 +71,7 @@ def run_layer(case):
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t_train = timed(fwd_bwd, dev, case["repeats"])
-    peak = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else rss_mb()
+    peak = peak_memory_mb(torch.device(dev))
     t_fwd = timed(fwd, dev, case["repeats"])
     return dict(fwd_bwd_ms=t_train * 1e3, fwd_ms=t_fwd * 1e3, peak_mb=peak, base_mb=base)
 
@@ -92,7 +88,7 @@ def run_model(case):
     dev, b = case["device"], case["batch"]
     x = torch.randn(b, 3, 224, 224, device=dev)
     y = torch.randint(0, 1000, (b,), device=dev)
-    base = rss_mb()
+    base = peak_memory_mb(torch.device("cpu"))
     if case.get("idle"):
         return dict(peak_mb=0.0, base_mb=base)
     model = build_model(case["model"]).to(dev)
@@ -115,7 +111,7 @@ def run_model(case):
         torch.cuda.reset_peak_memory_stats()
     model.train()
     t_train = timed(train_step, dev, case["repeats"])
-    peak = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else rss_mb()
+    peak = peak_memory_mb(torch.device(dev))
     model.eval()
     t_inf = timed(infer, dev, case["repeats"])
     return dict(train_img_s=b / t_train, infer_img_s=b / t_inf, peak_mb=peak, base_mb=base,

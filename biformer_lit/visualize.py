@@ -363,8 +363,8 @@ def attention_weights(module: TokenMixer, rec: LayerRecord, query_token: Tuple[i
         raise ValueError("the record holds no layer input: record it with keep_inputs=True")
     (h, w), c, heads = rec.size, module.dim, module.num_heads
     x = rec.inputs[batch].reshape(h * w, c)
-    with torch.no_grad():  # the module's own projection (`project` where it has one, else the qkv Linear)
-        q, k, _ = module.project(x) if hasattr(module, "project") else module.qkv(x).chunk(3, dim=-1)
+    with torch.no_grad():  # the module's own projection
+        q, k, _ = module.project(x)
     d = c // heads
     q = q[query_token[0] * w + query_token[1]].float().reshape(heads, d)
     k = k.float().reshape(h * w, heads, d).transpose(0, 1)  # (heads, N, d)

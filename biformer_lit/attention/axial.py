@@ -38,7 +38,8 @@ class AxialAttention(TokenMixer):
 
     def mix(self, q, k, v):
         # the first row_heads heads' channels go to row stripes, the rest to column stripes
-        split = [self.row_heads * self.dim // self.num_heads, self.dim - self.row_heads * self.dim // self.num_heads]
+        row_channels = self.row_heads * self.dim // self.num_heads
+        split = [row_channels, self.dim - row_channels]
         (qr, qc), (kr, kc), (vr, vc) = (t.split(split, dim=-1) for t in (q, k, v))
         rows = self.stripes(qr, kr, vr, ROW_STRIPES, 1, self.row_heads)
         cols = self.stripes(qc, kc, vc, COL_STRIPES, 2, self.num_heads - self.row_heads)
