@@ -127,7 +127,7 @@ def plan(section: dict) -> dict:
     return out
 
 
-def arm_config(base: dict, arm: dict, seed: int, run_dir: Path, ablation: str, visualize: bool) -> dict:
+def arm_config(base: dict, arm: dict, seed: int, run_dir: Path, visualize: bool) -> dict:
     cfg = copy.deepcopy(base)
     for key, value in (arm.get("overrides") or {}).items():
         set_dotted(cfg, key, value)
@@ -214,7 +214,7 @@ def maybe_run_ablation(argv: List[str]) -> Optional[int]:
             run_dir = Path(p["runs_dir"]) / p["name"] / arm["name"] / f"seed_{seed}"
             jobs.append(dict(arm=arm, seed=seed, run_dir=run_dir, ablation=p["name"], parallel=p["parallel"],
                              index=all_arms.index(arm["name"]),
-                             config=arm_config(cfg, arm, seed, run_dir, p["name"], p["visualize"])))
+                             config=arm_config(cfg, arm, seed, run_dir, p["visualize"])))
     todo = [j for j in jobs if read_status(j["run_dir"]) != "finished"]
     for j in jobs:
         if j not in todo:

@@ -40,7 +40,7 @@ def test_every_arm_builds(path, tmp_path, capsys):
     for arm in p["arms"]:
         run_dir = tmp_path / p["name"] / arm["name"] / "seed_0"
         run_dir.mkdir(parents=True)
-        arm_cfg = arm_config(cfg, arm, 0, run_dir, p["name"], visualize=True)
+        arm_cfg = arm_config(cfg, arm, 0, run_dir, visualize=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(arm_cfg))
         built = make_cli(["--config", str(run_dir / "config.yaml")], run=False)
         x = __import__("torch").randn(2, 3, built.datamodule.img_size, built.datamodule.img_size)
@@ -134,6 +134,6 @@ def test_paper_scale_switch_keeps_every_arm_valid(path, data, tmp_path):
     assert cfg["model"]["model"] == "biformer_stl" and cfg["data"]["img_size"] == 224
     assert cfg["trainer"]["max_epochs"] == 300
     for arm in p["arms"]:
-        model = arm_config(cfg, arm, 0, tmp_path / arm["name"] / "seed_0", p["name"], True)["model"]
+        model = arm_config(cfg, arm, 0, tmp_path / arm["name"] / "seed_0", True)["model"]
         net = timm.create_model(model["model"], img_size=224, **model.get("model_kwargs", {}))
         assert net.stage_cfg["depths"] == [2, 2, 6, 2] and net.stage_cfg["embed_dims"] == [96, 192, 384, 768]
