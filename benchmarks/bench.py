@@ -5,9 +5,11 @@
     python benchmarks/bench.py --compile       # also torch.compile'd models
 On a CUDA machine the same command measures on the GPU (fp32 and bf16 autocast) instead.
 
-Every case runs in its own subprocess, so the peak memory of one cannot hide in another's:
-CPU peak = the process's peak resident set minus that of an idle process that imported the same
-libraries and built the same inputs; CUDA peak = torch.cuda.max_memory_allocated.
+Every model, and on CPU every layer, runs in its own subprocess, so the peak memory of one cannot
+hide in another's: CPU peak = the process's peak resident set minus that of an idle process that
+imported the same libraries and built the same inputs. On CUDA the layer cases share one process
+(start-up is paid once): peak = torch.cuda.max_memory_allocated, reset before each case.
+The JSON is rewritten after every case, so an interrupted run keeps what it measured.
 Timings are medians over repeats after warm-up. Absolute numbers on a shared machine are noisy:
 compare the ratios within one run.
 """
@@ -34,7 +36,6 @@ LARGE = ("600x500 stage1 150x125", 150, 125, 64, 2, 7)
 
 
 def timed(fn, device, repeats: int) -> float:
-    fn()  # warm-up (allocations, lazy init, compilation)
     times = []
     for _ in range(repeats):
         if device == "cuda":
@@ -68,6 +69,7 @@ def run_layer(case):
         with torch.no_grad(), amp:
             m(x)
 
+    fwd_bwd(), fwd()  # warm-up (allocations, lazy init, compilation), outside the peak
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t_train = timed(fwd_bwd, dev, case["repeats"])
@@ -81,6 +83,8 @@ def build_model(name):
     import biformer_lit  # noqa: F401
     if name == "biformer_tiny[original algorithm]":
         return timm.create_model("biformer_tiny", attn_backend="gather")
+    if name == "biformer_tiny[flex]":
+        return timm.create_model("biformer_tiny", attn_backend="flex")
     return timm.create_model(name)
 
 
@@ -107,15 +111,28 @@ def run_model(case):
         with torch.no_grad(), amp:
             net(x)
 
+    model.train()
+    train_step()  # warm-up (allocations, lazy init, compilation), outside the peak
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model.train()
     t_train = timed(train_step, dev, case["repeats"])
     peak = peak_memory_mb(torch.device(dev))
     model.eval()
+    infer()
     t_inf = timed(infer, dev, case["repeats"])
     return dict(train_img_s=b / t_train, infer_img_s=b / t_inf, peak_mb=peak, base_mb=base,
                 params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+
+
+def in_process(case) -> dict:
+    import gc
+    try:
+        return run_model(case) if "model" in case else run_layer(case)
+    except Exception as e:  # one failing case (e.g. out of memory) must not end the run
+        return dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def in_subprocess(case) -> dict:
@@ -129,7 +146,7 @@ def in_subprocess(case) -> dict:
 # --- the driver --------------------------------------------------------------------------------------
 def layer_cases(device, dtypes, quick):
     reps = 3 if quick else 5
-    backends = ["indexed", "gather"] + (["flex"] if device == "cuda" else [])
+    backends = ["indexed", "masked", "gather"] + (["flex"] if device == "cuda" else [])
     for dtype in dtypes:
         for name, h, w, c, heads, n_win, topk in STAGES:
             common = dict(device=device, dtype=dtype, batch=8, h=h, w=w, c=c, heads=heads, n_win=n_win,
@@ -140,7 +157,7 @@ def layer_cases(device, dtypes, quick):
                 yield dict(common, kind=kind, label=kind)
         name, h, w, c, heads, n_win = LARGE
         for topk in (1, 4, 16):
-            for be in backends:
+            for be in [b for b in backends if b != "masked"]:  # a dense 19k x 19k token mask: not for this size
                 yield dict(device=device, dtype=dtype, batch=1, h=h, w=w, c=c, heads=heads, n_win=n_win, topk=topk,
                            kind="bra", backend=be, repeats=reps, shape=f"{name} topk={topk}", label=f"bra[{be}]")
 
@@ -152,7 +169,7 @@ def model_cases(device, dtypes, quick, compile_):
     reps = 2 if quick else 3
     batch = 8 if device == "cpu" else 64
     for dtype in dtypes:
-        for name in MODELS:
+        for name in MODELS + (["biformer_tiny[flex]"] if device == "cuda" else []):
             yield dict(device=device, dtype=dtype, model=name, batch=batch, repeats=reps)
         if compile_:
             yield dict(device=device, dtype=dtype, model="biformer_tiny", batch=batch, repeats=reps, compile=True)
@@ -168,6 +185,7 @@ def main():
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd biformer_tiny")
+    ap.add_argument("--only", default="", help="per-layer: only variants whose label contains this")
     ap.add_argument("--json", default=None, help="output file (default benchmarks/results/<device>.json)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -182,18 +200,24 @@ def main():
                 cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads())
     print(f"# {info}")
     results = dict(info=info, layers=[], models=[])
+    out = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / f"{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run = in_subprocess if device == "cpu" else in_process
 
     if args.what in ("layers", "all"):
         idle = {}
         print("\n| shape | variant | dtype | fwd+bwd ms | fwd ms | peak MB |\n|---|---|---|---|---|---|")
         for case in layer_cases(device, dtypes, args.quick):
+            if args.only not in case["label"]:
+                continue
             key = (case["batch"], case["h"], case["w"], case["c"])
             if device == "cpu" and key not in idle:
                 idle[key] = in_subprocess(dict(case, idle=True))["base_mb"]
-            r = in_subprocess(case)
+            r = run(case)
             if "error" not in r and device == "cpu":
                 r["peak_mb"] -= idle[key]
             results["layers"].append(dict(case, **r))
+            out.write_text(json.dumps(results, indent=1))
             print(f"| {case['shape']} | {case['label']} | {case['dtype']} | {fmt(r.get('fwd_bwd_ms'))} | "
                   f"{fmt(r.get('fwd_ms'))} | {fmt(r.get('peak_mb'), '.0f')} |" + (f" {r['error']}" if "error" in r else ""),
                   flush=True)
@@ -205,16 +229,15 @@ def main():
         for case in model_cases(device, dtypes, args.quick, args.compile):
             if device == "cpu" and idle is None:
                 idle = in_subprocess(dict(case, idle=True))["base_mb"]
-            r = in_subprocess(case)
+            r = in_subprocess(case)  # on CUDA too: a crashed kernel cannot poison the next model
             if "error" not in r and device == "cpu":
                 r["peak_mb"] -= idle
             results["models"].append(dict(case, **r))
+            out.write_text(json.dumps(results, indent=1))
             print(f"| {case['model']} | {case['dtype']} | {'yes' if case.get('compile') else 'no'} | "
                   f"{fmt(r.get('params_m'))} | {fmt(r.get('train_img_s'), '.2f')} | {fmt(r.get('infer_img_s'), '.2f')} | "
                   f"{fmt(r.get('peak_mb'), '.0f')} |" + (f" {r['error']}" if "error" in r else ""), flush=True)
 
-    out = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / f"{device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out}")
 

@@ -32,8 +32,10 @@ def count_gmacs(model: torch.nn.Module, img_size, in_chans: int = 3) -> float:
     """GMACs of one forward of one image at img_size, on a CPU copy of the model in eval mode."""
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     probe = copy.deepcopy(model).cpu().float().eval()
-    for m in probe.modules():  # FlexAttention is CUDA-only; count the same attention on the CPU path
-        if getattr(m, "backend", None) == "flex":
+    for m in probe.modules():
+        # count the routed algorithm (query x routed-key pairs), not a backend's execution of it:
+        # 'masked' computes every pair densely and FlexAttention is CUDA-only
+        if getattr(m, "kind", None) == "bra":
             m.backend = "indexed"
     counter = FlopCounterMode(display=False, custom_mapping=CUSTOM)
     with counter:

@@ -110,3 +110,26 @@ def test_torch_compile_whole_model():
         eager = m(x)
         compiled = torch.compile(m)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_biformer_tiny_cuda_flex_matches_indexed():
+    """FlexAttention in every routing stage of a whole model: same weights, the same logits and
+    gradients as the portable 'indexed' backend; bf16 autocast trains."""
+    torch.manual_seed(0)
+    flex = timm.create_model("biformer_tiny", attn_backend="flex").cuda().eval()  # eval: no drop path
+    indexed = timm.create_model("biformer_tiny", attn_backend="indexed").cuda().eval()
+    indexed.load_state_dict(flex.state_dict())
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    outs = []
+    for m in (flex, indexed):
+        y = m(x)
+        y.square().mean().backward()
+        outs.append((y.detach(), m.stem.conv1.weight.grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=5e-2, atol=1e-3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = flex(x).float().logsumexp(-1).mean()
+    loss.backward()
+    assert torch.isfinite(loss)

@@ -65,7 +65,7 @@ def region_of(h, w, n_win):
 
 def bra_routing(q, k, h, w, n_win, topk):
     """q, k: (B, N, C). Mean of the real tokens of every region, affinity, topk -> (B, R, topk)."""
-    region = region_of(h, w, n_win)
+    region = region_of(h, w, n_win).to(q.device)
     n_regions = n_win * n_win
     onehot = F.one_hot(region, n_regions).to(q.dtype)  # (N, R)
     count = onehot.sum(0)
@@ -78,8 +78,8 @@ def bra_routing(q, k, h, w, n_win, topk):
 
 def bra_pattern(index, h, w, n_win):
     """(B, N, N): a query sees a key when the key's region is among its region's routed regions."""
-    region = region_of(h, w, n_win)
-    routed = torch.zeros(index.shape[0], n_win * n_win, n_win * n_win, dtype=torch.bool)
+    region = region_of(h, w, n_win).to(index.device)
+    routed = torch.zeros(index.shape[0], n_win * n_win, n_win * n_win, dtype=torch.bool, device=index.device)
     routed.scatter_(2, index, True)  # routed[b, query region, key region]
     return routed[:, region][:, :, region]
 
@@ -100,11 +100,11 @@ def pattern_for(module, q, k, h, w):
         index = bra_routing(q, k, h, w, module.n_win, module.topk)
         return bra_pattern(index, h, w, module.n_win)[:, None]
     if kind == "axial":
-        return axial_pattern(h, w, module.n_win, module.num_heads, module.stripe_width)[None]
+        return axial_pattern(h, w, module.n_win, module.num_heads, module.stripe_width)[None].to(q.device)
     if kind == "full":
-        return full_pattern(h, w)
+        return full_pattern(h, w).to(q.device)
     return {"window": window_pattern, "shifted_window": shifted_window_pattern,
-            "dilated": dilated_pattern}[kind](h, w, module.n_win)
+            "dilated": dilated_pattern}[kind](h, w, module.n_win).to(q.device)
 
 
 def reference_forward(module, x):
