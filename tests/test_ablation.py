@@ -115,6 +115,9 @@ def test_skip_finished_resume_interrupted_and_report(tmp_path):
     assert ckpt["epoch"] == 1 and ckpt["global_step"] == 4  # continued from epoch 1, not restarted
 
     from biformer_lit.report import load_runs, make_report, summarize
+    for run in load_runs(runs):  # the logged best includes the last epoch's validation
+        top1 = [v for _, v in run["scalars"]["val/top1"]]
+        assert run["scalars"]["best/val_top1"][-1][1] == pytest.approx(max(top1)), run["arm"]
     rows = summarize(load_runs(runs))
     assert [r["arm"] for r in rows] == ["k1", "k4"]
     for r in rows:

@@ -65,7 +65,9 @@ class RunStats(L.Callback):
             self._seconds += time.perf_counter() - self._t0
             self._images += len(batch[0]) * trainer.world_size
 
-    def on_validation_epoch_end(self, trainer, pl_module):
+    def on_validation_end(self, trainer, pl_module):
+        # not on_validation_epoch_end: callbacks run that hook before the epoch's metrics are
+        # reduced into callback_metrics, so it would see the previous epoch's values
         if trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
