@@ -140,6 +140,13 @@ def best_top5(run: dict) -> float | None:
     return top5.get(step)
 
 
+def curve_mean_top1(run: dict) -> float | None:
+    """Mean validation top-1 over the run's epochs: the area under its curve, so arms that all end at
+    the same accuracy are still told apart by how early they got there."""
+    points = run["scalars"].get("val/top1")
+    return mean(v for _, v in points) if points else None
+
+
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return mean(values) if values else None
@@ -160,12 +167,14 @@ def summarize(runs: list[dict]) -> list[dict]:
     """One row per arm: model cost, throughput, and top-1/top-5 aggregated over seeds.
 
     Row keys: arm, n (runs), seeds, params_m, gflops, train_images_per_sec, peak_memory_mb,
-    top1_mean, top1_std (sample std, None below 2 seeds), top1_n, top5_mean, unfinished.
+    top1_mean, top1_std (sample std, None below 2 seeds), top1_n, curve_mean, curve_std, top5_mean,
+    unfinished.
     """
     rows = []
     for arm in _arm_order(runs):
         arm_runs = [r for r in runs if r["arm"] == arm]
         top1 = [v for v in map(best_top1, arm_runs) if v is not None]
+        curve = [v for v in map(curve_mean_top1, arm_runs) if v is not None]
         rows.append({
             "arm": arm,
             "n": len(arm_runs),
@@ -177,6 +186,8 @@ def summarize(runs: list[dict]) -> list[dict]:
             "top1_mean": mean(top1) if top1 else None,
             "top1_std": stdev(top1) if len(top1) > 1 else None,
             "top1_n": len(top1),
+            "curve_mean": mean(curve) if curve else None,
+            "curve_std": stdev(curve) if len(curve) > 1 else None,
             "top5_mean": _mean(map(best_top5, arm_runs)),
             "unfinished": sum(r["status"] != "finished" for r in arm_runs),
         })
@@ -189,13 +200,15 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """The ablation table as GitHub markdown, one line per arm."""
-    header = ["arm", "params (M)", "GFLOPs", "train img/s", "peak mem (MB)", "top-1 (%)", "top-5 (%)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * 6) + "|"]
+    header = ["arm", "params (M)", "GFLOPs", "train img/s", "peak mem (MB)", "top-1 (%)",
+              "mean val top-1 over epochs (%)", "top-5 (%)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
     for r in rows:
         if r["top1_mean"] is None:
             top1 = DASH
         else:
             top1 = f"{r['top1_mean']:.2f} ± {_fmt(r['top1_std'], '.2f')} (n={r['top1_n']})"
+        curve = DASH if r["curve_mean"] is None else f"{r['curve_mean']:.2f} ± {_fmt(r['curve_std'], '.2f')}"
         cells = [
             r["arm"].replace("|", "\\|"),  # a pipe would split the cell
             _fmt(r["params_m"], ".2f"),
@@ -203,6 +216,7 @@ def markdown_table(rows: list[dict]) -> str:
             _fmt(r["train_images_per_sec"], ".0f"),
             _fmt(r["peak_memory_mb"], ".0f"),
             top1,
+            curve,
             _fmt(r["top5_mean"], ".2f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -108,12 +108,14 @@ def test_summarize(ablation):
 def test_markdown_table(ablation):
     runs = report.load_runs(ablation)
     lines = report.markdown_table(report.summarize(runs)).splitlines()
-    assert lines[0] == "| arm | params (M) | GFLOPs | train img/s | peak mem (MB) | top-1 (%) | top-5 (%) |"
-    assert lines[2] == "| window | 10.00 | 2 | 1000 | 3000 | 59.00 ± 2.83 (n=2) | 79.00 |"
-    assert lines[3] == "| brsa | 12.50 | 2.3 | 810 | 3600 | 65.75 ± 0.35 (n=2) | 85.75 |"
+    assert lines[0] == ("| arm | params (M) | GFLOPs | train img/s | peak mem (MB) | top-1 (%) | "
+                        "mean val top-1 over epochs (%) | top-5 (%) |")
+    # curve means: window (40+55+61)/3 = 52, (38+57+56)/3 = 50.33; brsa 57, 57.17
+    assert lines[2] == "| window | 10.00 | 2 | 1000 | 3000 | 59.00 ± 2.83 (n=2) | 51.17 ± 1.18 | 79.00 |"
+    assert lines[3] == "| brsa | 12.50 | 2.3 | 810 | 3600 | 65.75 ± 0.35 (n=2) | 57.08 ± 0.12 | 85.75 |"
     # One seed: no std; a running run without end-of-fit tags shows dashes.
     one = report.markdown_table(report.summarize([r for r in runs if (r["arm"], r["seed"]) == ("window", 1)]))
-    assert one.splitlines()[2] == "| window | — | — | — | — | 57.00 ± — (n=1) | 77.00 |"
+    assert one.splitlines()[2] == "| window | — | — | — | — | 57.00 ± — (n=1) | 50.33 ± — | 77.00 |"
 
 
 def test_make_report_and_cli(ablation, tmp_path, capsys):
