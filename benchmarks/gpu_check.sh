@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole GPU check in one short run (about 8 minutes on an H100): the CUDA-only tests, then the
-# benchmark's CUDA section (models fp32/bf16 + compiled, then per-layer). Logs and JSON go to $OUT
-# (default benchmarks/results). LAYERS=flex limits the per-layer part to labels containing 'flex'. Each step has its own time limit; the JSON keeps every finished case.
+# The whole GPU check in one short run (at most 8 minutes: each step has its own time limit): the
+# CUDA-only tests, then the benchmark's CUDA section (models fp32/bf16 + compiled, then per-layer).
+# Logs and JSON go to $OUT (default benchmarks/results); the JSON keeps every finished case.
+# LAYERS=flex limits the per-layer part to labels containing 'flex'.
 set -o pipefail
 OUT=${OUT:-benchmarks/results}
 PY=${PY:-python3}

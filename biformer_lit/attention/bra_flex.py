@@ -19,8 +19,8 @@ from .partition import merge_heads, split_heads
 _compiled = None
 TILE = 64
 # 'auto' picks FlexAttention where the routed copies of 'indexed' would be large: measured on an H100
-# (torch 2.11, batch 8) it was 1.2-3x slower than 'indexed' at every shape, but its memory does not grow
-# with top-k (150x125 map, top-k 16: 129 MB against 419 MB fp32).
+# (torch 2.11, batch 8) it was 1.2-5.7x slower than 'indexed' at every shape, but its memory does not
+# grow with top-k (150x125 map, top-k 16: 129 MB against 419 MB fp32).
 MIN_ROUTED_TOKENS = 1024  # top-k x tokens per region
 MIN_TOKENS_PER_REGION = 32  # smaller regions would be mostly padding in a 64-token block
 
