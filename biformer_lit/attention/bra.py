@@ -28,7 +28,7 @@ from einops import rearrange
 from .base import TokenMixer
 from .partition import crop_hw, grid_cells, merge_heads, pad_all, sdpa, split_heads, valid_map
 from .registry import register_attention
-from .routing import region_means, route
+from .routing import region_means, route, routed_matrix
 
 REGIONS = "b (nh rh) (nw rw) c -> b (nh nw) (rh rw) c"
 BACKENDS = ("auto", "indexed", "masked", "flex", "gather")
@@ -115,7 +115,7 @@ def masked_routed_attention(q, k, v, index: torch.Tensor, num_heads: int, scale:
     """The same attention as `indexed_routed_attention`, computed densely: the (B, R, R) routing,
     expanded over tokens, masks an SDPA over all R*T tokens. No key/value copies."""
     b, r, t, c = q.shape
-    routed = torch.zeros(b, r, r, dtype=torch.bool, device=index.device).scatter_(2, index, True)
+    routed = routed_matrix(index, r)
     key_ok = routed[..., None] if valid_r is None else routed[..., None] & valid_r  # (B, Rq, Rk, Tk or 1)
     mask = key_ok[:, :, None].expand(b, r, t, r, t).reshape(b, 1, r * t, r * t)
     out = sdpa(*(split_heads(x.reshape(b, r * t, c), num_heads) for x in (q, k, v)), scale, mask)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .partition import merge_heads, split_heads
+from .routing import routed_matrix
 
 _compiled = None
 TILE = 64
@@ -53,7 +54,7 @@ def routing_block_mask(index: torch.Tensor, key_valid: torch.Tensor, block: int)
     full_num, full_idx = compact(is_full)
     # The same routing as a token-level mask_mod. The CUDA kernel calls it on partial blocks only; the
     # eager (reference) path applies it everywhere, so it must encode the routing exactly.
-    routed = torch.zeros(b, r, r, dtype=torch.bool, device=dev).scatter_(2, index, True)
+    routed = routed_matrix(index, r)
 
     def mask_mod(bi, hi, q_idx, kv_idx):
         return routed[bi, q_idx // block, kv_idx // block] & key_valid[kv_idx]

@@ -32,3 +32,9 @@ def route(q_regions: torch.Tensor, k_regions: torch.Tensor, topk: int,
     if nonempty is not None:
         affinity = affinity.masked_fill(~nonempty[None, None, :], float("-inf"))
     return affinity, affinity.topk(topk, dim=-1).indices
+
+
+def routed_matrix(index: torch.Tensor, n_regions: int) -> torch.Tensor:
+    """index: (B, R, topk) -> (B, R, n_regions) bool, True where a query region routes to a key region."""
+    b, r, _ = index.shape
+    return torch.zeros(b, r, n_regions, dtype=torch.bool, device=index.device).scatter_(2, index, True)
