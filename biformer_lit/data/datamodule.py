@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import DataError
 from .datasets import CIFAR, CIFAR_STATS, ImageFolderDataset, cifar, class_folders
 from .sampler import EpochShuffleSampler
-from .synthetic import DEFAULT_NUM_CLASSES, SyntheticRelations, check_num_classes
+from .synthetic import DEFAULT_NUM_CLASSES, SyntheticRelations, check_settings
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -43,12 +43,8 @@ class ImageDataModule(L.LightningDataModule):
             if rand_augment or random_erasing:
                 raise DataError(f"rand_augment={rand_augment!r} / random_erasing={random_erasing!r} apply to "
                                 "real data only (they would change the synthetic labels): leave them unset")
-            check_num_classes(DEFAULT_NUM_CLASSES if num_classes is None else num_classes)
-            if not 0.0 <= difficulty <= 1.0:
-                raise DataError(f"difficulty={difficulty!r} is outside [0, 1]")
-            for name, v in (("train_size", train_size), ("val_size", val_size)):
-                if not isinstance(v, int) or v < 1:
-                    raise DataError(f"{name}={v!r} must be a positive integer")
+            check_settings(DEFAULT_NUM_CLASSES if num_classes is None else num_classes, difficulty,
+                           train_size, val_size)
         elif root is None:
             raise DataError(f"dataset {dataset!r} needs --data.root (the folder holding its files)")
         self.save_hyperparameters()

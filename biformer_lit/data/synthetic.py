@@ -134,10 +134,16 @@ def _attribute(d: _Draws, levels: int, n: int, relation: Callable[[int, int], ob
     return [vals[i], vals[j]] + rest
 
 
-def check_num_classes(num_classes: int) -> None:
+def check_settings(num_classes: int, difficulty: float, train_size: int, val_size: int) -> None:
+    """The task's settings (the datamodule checks them at construction, before any dataset exists)."""
     if not isinstance(num_classes, int) or not MIN_CLASSES <= num_classes <= MAX_CLASSES:
         raise DataError(f"synthetic num_classes={num_classes!r} is not supported: use an integer in "
                         f"{MIN_CLASSES}..{MAX_CLASSES} (colour distance x same size x same shape)")
+    if not 0.0 <= float(difficulty) <= 1.0:
+        raise DataError(f"synthetic difficulty={difficulty!r} is outside [0, 1]")
+    for name, n in (("train_size", train_size), ("val_size", val_size)):
+        if not isinstance(n, int) or n < 1:
+            raise DataError(f"synthetic {name}={n!r} must be a positive integer")
 
 
 class SyntheticRelations(Dataset):
@@ -151,12 +157,7 @@ class SyntheticRelations(Dataset):
         if not isinstance(img_size, int) or img_size < MIN_IMG_SIZE:
             raise DataError(f"synthetic img_size={img_size!r} is too small: use an integer >= {MIN_IMG_SIZE} "
                             "(smaller cells cannot draw distinguishable shapes)")
-        check_num_classes(num_classes)
-        if not 0.0 <= float(difficulty) <= 1.0:
-            raise DataError(f"synthetic difficulty={difficulty!r} is outside [0, 1]")
-        for name, n in (("train_size", train_size), ("val_size", val_size)):
-            if not isinstance(n, int) or n < 1:
-                raise DataError(f"synthetic {name}={n!r} must be a positive integer")
+        check_settings(num_classes, difficulty, train_size, val_size)
         self.split, self.img_size, self.num_classes = split, img_size, num_classes
         self.difficulty, self.seed = float(difficulty), seed
         self.size = train_size if split == "train" else val_size
