@@ -95,4 +95,5 @@ def flex_routed_attention(q, k, v, index: torch.Tensor, num_heads: int, scale: f
         opts = dict(kernel_options={n: TILE for n in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1",
                                                       "BLOCK_M2", "BLOCK_N2")})
     out = fn(q, k, v, block_mask=block_mask, scale=scale, **opts)  # (B, h, N, d)
-    return merge_heads(out).reshape(b, r, block, c)[:, :, :t]
+    out = merge_heads(out).reshape(b, r, block, c)
+    return out if block == t else out[:, :, :t]  # as crop_hw: no no-op slice (its backward zero-fills)
