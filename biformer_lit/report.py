@@ -339,7 +339,8 @@ def _write_report(ablation_dir, out_dir) -> tuple[Path, str]:
     text = "\n".join([
         f"# Ablation report: {name}",
         "",
-        "Top-1: best validation top-1 per seed, mean ± sample std over seeds. "
+        "Top-1: best validation top-1 per seed, mean ± sample std over seeds. Mean val top-1 over "
+        "epochs: the area under each seed's validation curve (how early an arm learns), mean ± std. "
         "GFLOPs count a multiply-add as one.",
         "",
         table,
