@@ -3,6 +3,7 @@
     python benchmarks/bench.py                 # CPU: layers + models, table on stdout, JSON in benchmarks/results/
     python benchmarks/bench.py --what layers   # only per-layer
     python benchmarks/bench.py --compile       # also torch.compile'd models
+    python benchmarks/bench.py --what models --dtypes bf16 --models biformer_tiny,biformer_stl   # a subset
 On a CUDA machine the same command measures on the GPU (fp32 and bf16 autocast) instead.
 
 Every model, and on CPU every layer, runs in its own subprocess, so the peak memory of one cannot
@@ -136,10 +137,21 @@ def in_process(case) -> dict:
 
 
 def in_subprocess(case) -> dict:
+    r = _subprocess(case)
+    if "error" in r and any(m in r["stderr_tail"] for m in ("CUDA error", "Triton Error", "illegal memory")):
+        # CUDA reports kernel faults asynchronously, at a later call: run it again synchronously so the
+        # traceback names the operation that faulted
+        again = _subprocess(case, CUDA_LAUNCH_BLOCKING="1")
+        r["blocking_stderr_tail"] = again.get("stderr_tail", "(passed when run synchronously)")
+    return r
+
+
+def _subprocess(case, **env) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                          env=dict(os.environ, PYTHONWARNINGS="ignore", **env))
     if proc.returncode:
-        return dict(error=(proc.stderr.strip().splitlines() or ["failed"])[-1][:120])
+        lines = proc.stderr.strip().splitlines() or ["failed"]
+        return dict(error=lines[-1][:120], stderr_tail="\n".join(lines[-40:]))
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -165,11 +177,12 @@ def layer_cases(device, dtypes, quick):
 MODELS = ["biformer_tiny", "biformer_tiny[original algorithm]", "biformer_stl", "swin_tiny_patch4_window7_224"]
 
 
-def model_cases(device, dtypes, quick, compile_):
+def model_cases(device, dtypes, quick, compile_, only=None):
     reps = 2 if quick else 3
     batch = 8 if device == "cpu" else 64
+    names = MODELS + (["biformer_tiny[flex]"] if device == "cuda" else [])
     for dtype in dtypes:
-        for name in MODELS + (["biformer_tiny[flex]"] if device == "cuda" else []):
+        for name in names if only is None else [n for n in names if n in only]:
             yield dict(device=device, dtype=dtype, model=name, batch=batch, repeats=reps)
         if compile_:
             yield dict(device=device, dtype=dtype, model="biformer_tiny", batch=batch, repeats=reps, compile=True)
@@ -186,6 +199,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd biformer_tiny")
     ap.add_argument("--only", default="", help="per-layer: only variants whose label contains this")
+    ap.add_argument("--models", default=None,
+                    help=f"comma-separated subset of: {', '.join(MODELS)}, biformer_tiny[flex] (CUDA)")
+    ap.add_argument("--dtypes", default=None, help="comma-separated, run in the given order: fp32, bf16 "
+                                                   "(default: fp32 on CPU, fp32,bf16 on CUDA)")
     ap.add_argument("--json", default=None, help="output file (default benchmarks/results/<device>.json)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -195,7 +212,12 @@ def main():
         print(json.dumps(run_model(case) if "model" in case else run_layer(case)))
         return
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtypes = ["fp32", "bf16"] if device == "cuda" else ["fp32"]
+    dtypes = args.dtypes.split(",") if args.dtypes else ["fp32", "bf16"] if device == "cuda" else ["fp32"]
+    only_models = args.models.split(",") if args.models else None
+    known = MODELS + (["biformer_tiny[flex]"] if device == "cuda" else [])
+    for flag, given, allowed in (("--dtypes", dtypes, ["fp32", "bf16"]), ("--models", only_models or [], known)):
+        for bad in [g for g in given if g not in allowed]:
+            ap.error(f"{flag}: unknown {bad!r} on {device}; allowed: {', '.join(allowed)}")
     info = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
                 cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads())
     print(f"# {info}")
@@ -226,7 +248,7 @@ def main():
         print(f"\n| model | dtype | compiled | params (M) | train img/s | infer img/s | peak train MB |\n"
               f"|---|---|---|---|---|---|---|")
         idle = None
-        for case in model_cases(device, dtypes, args.quick, args.compile):
+        for case in model_cases(device, dtypes, args.quick, args.compile, only_models):
             if device == "cpu" and idle is None:
                 idle = in_subprocess(dict(case, idle=True))["base_mb"]
             r = in_subprocess(case)  # on CUDA too: a crashed kernel cannot poison the next model
@@ -237,6 +259,8 @@ def main():
             print(f"| {case['model']} | {case['dtype']} | {'yes' if case.get('compile') else 'no'} | "
                   f"{fmt(r.get('params_m'))} | {fmt(r.get('train_img_s'), '.2f')} | {fmt(r.get('infer_img_s'), '.2f')} | "
                   f"{fmt(r.get('peak_mb'), '.0f')} |" + (f" {r['error']}" if "error" in r else ""), flush=True)
+            if "blocking_stderr_tail" in r:  # the synchronous rerun's traceback: where the kernel faulted
+                print("  " + "\n  ".join(r["blocking_stderr_tail"].splitlines()[-8:]), flush=True)
 
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out}")
