@@ -75,6 +75,10 @@ def _compiled_flex():
     return _compiled
 
 
+# A torch.compile'd model breaks its graph here and calls the separately compiled kernel: traced into
+# the model's graph, building the block mask and calling flex_attention gave wrong outputs (a layer
+# off by 0.3, logits by 10%) or failed to lower at most shapes (torch 2.14, CPU; tested in test_models.py).
+@torch.compiler.disable
 def flex_routed_attention(q, k, v, index: torch.Tensor, num_heads: int, scale: float,
                           valid_r=None, compiled: bool = None) -> torch.Tensor:
     """q, k, v: (B, R, T, C) regions; index: (B, R, k); valid_r: (R, T) real tokens or None.
@@ -87,9 +91,7 @@ def flex_routed_attention(q, k, v, index: torch.Tensor, num_heads: int, scale: f
         key_valid = F.pad(key_valid, (0, block - t), value=False)
     q, k, v = (split_heads(x.reshape(b, r * block, c), num_heads) for x in (q, k, v))  # (B, h, N, d)
     block_mask = routing_block_mask(index, key_valid.reshape(-1), block)
-    use_compiled = compiled if compiled is not None else q.is_cuda
-    # inside a torch.compile'd model the outer compilation lowers flex_attention itself
-    fn = _compiled_flex() if use_compiled and not torch.compiler.is_compiling() else flex_attention
+    fn = _compiled_flex() if (q.is_cuda if compiled is None else compiled) else flex_attention
     opts = {}
     if q.is_cuda:  # pin tiles that divide the block (fwd: M, N; bwd: M1, N1, M2, N2)
         opts = dict(kernel_options={n: TILE for n in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1",
