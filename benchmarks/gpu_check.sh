@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The whole GPU check in one short run (about 9 minutes at most: each step has its own time limit), most
-# wanted first: whole models in bf16 and fp32 side by side, then torch.compile'd against eager (bf16), the
-# CUDA-only tests (the whole-model FlexAttention test in a step of its own: it compiles a dozen kernels),
-# then per-layer tables with what time is left. Logs and JSON go to $OUT (default benchmarks/results); the
-# JSON keeps every finished case, and a case that faults in CUDA is rerun with CUDA_LAUNCH_BLOCKING=1 so
-# its log names the faulting operation. LAYERS=flex limits the per-layer part to labels containing 'flex'.
+# The whole GPU check in one short run (at most 10 minutes: each step has its own time limit), most
+# wanted first: whole models in bf16 and fp32 side by side, then torch.compile'd against eager (bf16),
+# the CUDA-only tests (the whole-model FlexAttention tests in a step of their own: they compile a dozen
+# kernels), then per-layer bf16 tables and the all-FlexAttention model with the time left. Logs and JSON
+# go to $OUT (default benchmarks/results); the JSON keeps every finished case, and a case that faults in
+# CUDA is rerun with CUDA_LAUNCH_BLOCKING=1 so its log names the faulting operation.
+# LAYERS=flex limits the per-layer part to labels containing 'flex'; LAYER_S sets its time limit.
 set -o pipefail
 OUT=${OUT:-benchmarks/results}
 PY=${PY:-python3}
@@ -26,4 +27,6 @@ step 60 gpu_tests_attention $PY -m pytest -q -m gpu -p no:cacheprovider tests/te
 step 120 gpu_tests_models $PY -m pytest -q -m gpu -s -p no:cacheprovider tests/test_models.py
 step ${LAYER_S:-60} bench_layers $PY benchmarks/bench.py --what layers --quick --dtypes bf16 --only "${LAYERS:-}" \
     --json "$OUT/cuda_layers.json"
+step 60 bench_flex_model $PY benchmarks/bench.py --what models --dtypes bf16 --models "biformer_tiny[flex]" \
+    --json "$OUT/cuda_flex_model.json"
 exit $status
