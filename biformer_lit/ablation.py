@@ -7,7 +7,9 @@ Every (arm, seed) is a separate, complete training run in its own process (so ev
 strategy works inside an arm), logged to runs/<ablation>/<arm>/seed_<n>/ so that
 `tensorboard --logdir runs/<ablation>` overlays the arms. All arms share the seed, the data and its
 order, and (where parameter shapes agree) the initialisation. Re-running the same command skips
-finished runs and resumes interrupted ones from their last checkpoint.
+finished runs and resumes interrupted ones from their last checkpoint; a run folder holding a run with
+other settings (config or flags) is refused, never skipped nor resumed. --help / --print_config answer
+for each arm's config and train nothing.
 
 The section:
     ablation:
@@ -32,6 +34,7 @@ from typing import List, Optional
 import yaml
 
 ABLATION_KEYS = {"name", "seeds", "parallel", "visualize", "arms", "only", "index", "runs_dir", "dry_run"}
+INSPECT_FLAGS = ("-h", "--help", "--print_config")  # `fit` answers these and exits 0 without training
 
 
 class AblationError(ValueError):
@@ -58,7 +61,13 @@ def _split_argv(argv: List[str]):
                 if i >= len(argv):
                     raise AblationError(f"{key} needs a value")
                 val = argv[i]
-            ablation[key[len("--ablation."):]] = yaml.safe_load(val)
+            name = key[len("--ablation."):]
+            if not val.strip():  # e.g. --ablation.index=$SLURM_ARRAY_TASK_ID outside an array job
+                raise AblationError(f"{key} is empty" + (" (is $SLURM_ARRAY_TASK_ID set?)" if name == "index" else ""))
+            try:
+                ablation[name] = yaml.safe_load(val)
+            except yaml.YAMLError as e:
+                raise AblationError(f"{key}={val!r} is not a valid value: {str(e).splitlines()[0]}") from None
         else:
             rest.append(a)
         i += 1
@@ -88,8 +97,21 @@ def load_config(paths: List[str]) -> dict:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"config file not found: {p}")
         with open(p) as f:
-            cfg = deep_merge(cfg, yaml.safe_load(f) or {})
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise AblationError(f"config file {p} is not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(loaded, dict):
+            raise AblationError(f"config file {p} holds a {type(loaded).__name__}; allowed: a mapping of "
+                                "sections (model:, data:, trainer:, ...)")
+        cfg = deep_merge(cfg, loaded)
     return cfg
+
+
+def _as_int(name: str, value, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise AblationError(f"ablation.{name}={value!r}; allowed: an integer >= {lo}")
+    return value
 
 
 def plan(section: dict) -> dict:
@@ -103,13 +125,14 @@ def plan(section: dict) -> dict:
     names = [a["name"] for a in arms]
     if len(set(names)) != len(names):
         raise AblationError(f"arm names must be unique: {names}")
-    out = dict(name=section.get("name") or "ablation", seeds=section.get("seeds", [0]),
-               parallel=int(section.get("parallel", 1)), visualize=bool(section.get("visualize", True)),
+    seeds = section.get("seeds", [0])
+    seeds = [seeds] if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
+    if not isinstance(seeds, list) or not seeds:
+        raise AblationError(f"ablation.seeds={seeds!r}; allowed: an integer or a list of them, e.g. [0, 1, 2]")
+    out = dict(name=section.get("name") or "ablation", seeds=[_as_int("seeds", x, 0) for x in seeds],
+               parallel=_as_int("parallel", section.get("parallel", 1), 1),
+               visualize=bool(section.get("visualize", True)),
                arms=arms, runs_dir=section.get("runs_dir", "runs"), dry_run=bool(section.get("dry_run", False)))
-    if isinstance(out["seeds"], int):
-        out["seeds"] = [out["seeds"]]
-    if out["parallel"] < 1:
-        raise AblationError(f"ablation.parallel={out['parallel']}; allowed: >= 1")
     only, index = section.get("only"), section.get("index")
     if only is not None and index is not None:
         raise AblationError("give --ablation.only or --ablation.index, not both")
@@ -120,9 +143,8 @@ def plan(section: dict) -> dict:
             raise AblationError(f"--ablation.only={missing[0]!r}: no such arm; arms: {', '.join(names)}")
         out["arms"] = [a for a in arms if a["name"] in wanted]
     if index is not None:
-        index = int(index)
-        if not 0 <= index < len(arms):
-            raise AblationError(f"--ablation.index={index} is out of range: {len(arms)} arms (0..{len(arms) - 1})")
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(arms):
+            raise AblationError(f"--ablation.index={index!r}; allowed: an integer in 0..{len(arms) - 1} ({len(arms)} arms)")
         out["arms"] = [arms[index]]
     return out
 
@@ -145,11 +167,39 @@ def arm_config(base: dict, arm: dict, seed: int, run_dir: Path, visualize: bool)
     return cfg
 
 
-def read_status(run_dir: Path) -> str:
+def read_arm(run_dir: Path) -> dict:
     try:
-        return json.loads((run_dir / "arm.json").read_text()).get("status", "")
+        return json.loads((run_dir / "arm.json").read_text())
     except (OSError, ValueError):
-        return ""
+        return {}
+
+
+def settings(job: dict, passthrough: List[str]) -> dict:
+    """What makes a run this run: its whole config and the flags passed through (JSON-normalised)."""
+    return json.loads(json.dumps(dict(config=job["config"], flags=list(passthrough)), default=str))
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> List[str]:
+    keys = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return keys
+
+
+def check_same_settings(job: dict, current: dict) -> None:
+    """A run folder from other settings (say a shortened run, or the CPU config before the paper-scale
+    one) must not be skipped as finished nor resumed: refuse, naming what differs."""
+    recorded = read_arm(job["run_dir"]).get("settings")
+    if recorded is None or recorded == current:  # no earlier run (or one from before settings were kept)
+        return
+    diff = _differences(recorded, current)
+    raise AblationError(f"{job['run_dir']} holds a run with other settings ({'; '.join(diff[:3])}"
+                        f"{'; ...' if len(diff) > 3 else ''}): use another --ablation.runs_dir, or delete "
+                        "that folder to run it again")
 
 
 def write_status(run_dir: Path, **info) -> None:
@@ -158,15 +208,34 @@ def write_status(run_dir: Path, **info) -> None:
     os.replace(tmp, run_dir / "arm.json")  # atomic: a kill never leaves half a status file
 
 
+def _fit_command(config_path: Path, passthrough: List[str]) -> List[str]:
+    return [sys.executable, "-m", "biformer_lit.cli", "fit", "--config", str(config_path), *passthrough]
+
+
+def inspect(jobs: List[dict], passthrough: List[str]) -> int:
+    """--help / --print_config: what `fit` says of each run's config; nothing trains, no status changes."""
+    import tempfile
+    printing = any(a.startswith("--print_config") for a in passthrough)
+    with tempfile.TemporaryDirectory() as tmp:
+        for j in jobs if printing else jobs[:1]:  # help is the same for every arm
+            path = Path(tmp) / "config.yaml"
+            path.write_text(yaml.safe_dump(j["config"], sort_keys=False))
+            print(f"# [ablation] {j['arm']['name']}/seed_{j['seed']}", flush=True)
+            code = subprocess.call(_fit_command(path, passthrough))
+            if code:
+                return code
+    return 0
+
+
 def run_one(job: dict, passthrough: List[str], slot: int) -> int:
     run_dir: Path = job["run_dir"]
     run_dir.mkdir(parents=True, exist_ok=True)
     info = dict(ablation=job["ablation"], arm=job["arm"]["name"], index=job["index"], seed=job["seed"],
-                overrides=job["arm"].get("overrides") or {})
+                overrides=job["arm"].get("overrides") or {}, settings=settings(job, passthrough))
     cfg_path = run_dir / "config.yaml"
     with open(cfg_path, "w") as f:
         yaml.safe_dump(job["config"], f, sort_keys=False)
-    cmd = [sys.executable, "-m", "biformer_lit.cli", "fit", "--config", str(cfg_path), *passthrough]
+    cmd = _fit_command(cfg_path, passthrough)
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
         cmd.append(f"--ckpt_path={last}")  # interrupted earlier: continue, don't restart
@@ -215,7 +284,11 @@ def maybe_run_ablation(argv: List[str]) -> Optional[int]:
             jobs.append(dict(arm=arm, seed=seed, run_dir=run_dir, ablation=p["name"], parallel=p["parallel"],
                              index=all_arms.index(arm["name"]),
                              config=arm_config(cfg, arm, seed, run_dir, p["visualize"])))
-    todo = [j for j in jobs if read_status(j["run_dir"]) != "finished"]
+    if any(a in INSPECT_FLAGS or a.startswith("--print_config=") for a in passthrough):
+        return inspect(jobs, passthrough)
+    for j in jobs:
+        check_same_settings(j, settings(j, passthrough))
+    todo = [j for j in jobs if read_arm(j["run_dir"]).get("status") != "finished"]
     for j in jobs:
         if j not in todo:
             print(f"[ablation] skip finished {j['arm']['name']}/seed_{j['seed']}", flush=True)

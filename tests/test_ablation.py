@@ -1,6 +1,7 @@
 """The ablation runner: shipped YAMLs, arm selection, skip-finished / resume-interrupted, report."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,10 +59,12 @@ def test_every_arm_runs_a_step(path, tmp_path):
         assert status["status"] == "finished", (arm, out.stdout[-2000:])
 
 
-def write_ablation(tmp_path) -> Path:
+def write_ablation(tmp_path, keep_every_epoch: bool = False) -> Path:
     cfg = yaml.safe_load((REPO / "experiments" / "base.yaml").read_text())
     cfg.pop("trainer", None)
     cfg["trainer"] = {"accelerator": "cpu", "devices": 1}
+    if keep_every_epoch:  # checkpoints best-0.ckpt, best-1.ckpt, ...: a test rolls a run back to one
+        cfg["checkpoint"] = {"monitor": None, "save_top_k": -1}
     cfg["ablation"] = {"name": "mini", "visualize": False, "arms": [
         {"name": "k1", "overrides": {"model.model_kwargs": {"topks": [1, 1, 1, 1]}}},
         {"name": "k4", "overrides": {"model.model_kwargs": {"topks": [4, 4, 2, 1]}}},
@@ -83,9 +86,67 @@ def test_selection_by_name_and_index(tmp_path, capsys, monkeypatch):
     assert "would run win/seed_0" in out and "would run win/seed_1" in out and "k1" not in out
     with pytest.raises(AblationError, match=r"--ablation.only='k9': no such arm; arms: k1, k4, win"):
         maybe_run_ablation(["fit", "--config", str(path), "--ablation.only=k9"])
-    with pytest.raises(AblationError, match=r"--ablation.index=3 is out of range: 3 arms \(0..2\)"):
+    with pytest.raises(AblationError, match=r"--ablation.index=3; allowed: an integer in 0..2 \(3 arms\)"):
         maybe_run_ablation(["fit", "--config", str(path), "--ablation.index=3"])
     assert maybe_run_ablation(["fit", "--config", str(REPO / "experiments" / "base.yaml")]) is None
+
+
+@pytest.mark.parametrize("flag,match", [
+    ("--ablation.index=", r"--ablation.index is empty \(is \$SLURM_ARRAY_TASK_ID set\?\)"),
+    ("--ablation.only=", r"--ablation.only is empty"),
+    ("--ablation.index=two", r"--ablation.index='two'; allowed: an integer in 0..2"),
+    ("--ablation.parallel=abc", r"ablation.parallel='abc'; allowed: an integer >= 1"),
+    ("--ablation.seeds=[0,1", r"--ablation.seeds='\[0,1' is not a valid value"),
+    ("--ablation.seeds=[a]", r"ablation.seeds='a'; allowed: an integer >= 0"),
+])
+def test_bad_ablation_values_are_rejected(tmp_path, flag, match):
+    path = write_ablation(tmp_path)
+    with pytest.raises(AblationError, match=match):
+        maybe_run_ablation(["fit", "--config", str(path), flag, "--ablation.dry_run=true"])
+
+
+@pytest.mark.parametrize("text,match", [("model: [1, 2\n", "is not valid YAML"),
+                                        ("- model\n- data\n", "holds a list; allowed: a mapping of sections")])
+def test_bad_config_files_are_rejected(tmp_path, text, match):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(AblationError, match=match):
+        maybe_run_ablation(["fit", "--config", str(tmp_path / "bad.yaml")])
+
+
+def test_a_run_from_other_settings_is_neither_skipped_nor_resumed(tmp_path, monkeypatch, capsys):
+    """A finished shortened run (or the CPU config before the paper-scale one) in the same folder: refused,
+    naming what differs; the same settings again: skipped."""
+    from biformer_lit import ablation
+    monkeypatch.chdir(tmp_path)
+    path = write_ablation(tmp_path)
+    monkeypatch.setattr(ablation.subprocess, "call", lambda cmd, **kw: 0)  # each run "finishes" at once
+    short = ["fit", "--config", str(path), "--ablation.only=k1", "--trainer.max_epochs=1"]
+    assert maybe_run_ablation(short) == 0
+    assert maybe_run_ablation(short) == 0 and "skip finished k1/seed_0" in capsys.readouterr().out
+    with pytest.raises(AblationError, match=r"runs/mini/k1/seed_0 holds a run with other settings \(flags: "
+                                            r"\['--trainer.max_epochs=1'\] -> \[\]\): use another --ablation.runs_dir"):
+        maybe_run_ablation(short[:-1])
+    with pytest.raises(AblationError, match=r"config.model.lr: 0.001 -> 0.5"):
+        maybe_run_ablation(short + ["--config", str(write_config(tmp_path, {"model": {"lr": 0.5}}))])
+
+
+def write_config(tmp_path, cfg: dict) -> Path:
+    path = tmp_path / "extra.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_help_and_print_config_train_nothing(tmp_path):
+    """`fit` answers --help / --print_config for the arms' configs; no run starts, no status is written."""
+    path = write_ablation(tmp_path)
+    out = cli(["fit", "--config", str(path), "--ablation.only=[k1,k4]", "--print_config"], tmp_path).stdout
+    assert "# [ablation] k1/seed_0" in out and "# [ablation] k4/seed_0" in out
+    k1_cfg, k4_cfg = (yaml.safe_load(part) for part in out.split("# [ablation] k4/seed_0"))
+    assert k1_cfg["model"]["model_kwargs"]["topks"] == [1, 1, 1, 1]
+    assert k4_cfg["model"]["model_kwargs"]["topks"] == [4, 4, 2, 1]
+    out = cli(["fit", "--config", str(path), "--help"], tmp_path).stdout
+    assert out.count("# [ablation]") == 1 and "--trainer" in out
+    assert not (tmp_path / "runs").exists()
 
 
 def test_bad_selection_exits_cleanly(tmp_path):
@@ -94,25 +155,38 @@ def test_bad_selection_exits_cleanly(tmp_path):
     assert proc.returncode == 2 and "no such arm" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def val_steps(run_dir: Path, events_file: str) -> list:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir / events_file))
+    acc.Reload()
+    return [e.step for e in acc.Scalars("val/top1")]
+
+
 @pytest.mark.slow
 def test_skip_finished_resume_interrupted_and_report(tmp_path):
-    path = write_ablation(tmp_path)
-    args = ["fit", "--config", str(path), "--ablation.only=[k1,k4]", *TINY]
+    path = write_ablation(tmp_path, keep_every_epoch=True)
+    args = ["fit", "--config", str(path), "--ablation.only=[k1,k4]", *TINY[1:], "--trainer.max_epochs=2"]
     cli(args, tmp_path)
     runs = tmp_path / "runs" / "mini"
     k1, k4 = runs / "k1" / "seed_0", runs / "k4" / "seed_0"
     assert json.loads((k1 / "arm.json").read_text())["status"] == "finished"
     events_before = sorted(p.name for p in k1.glob("events.out.tfevents.*"))
+    k4_events = sorted(p.name for p in k4.glob("events.out.tfevents.*"))
+    both_epochs = val_steps(k4, k4_events[0])
+    assert len(both_epochs) == 2
 
-    # k4 "was killed": its status says running, its last checkpoint is there
+    # k4 "was killed" after its first epoch: its status says running, last.ckpt is that epoch's checkpoint
     info = json.loads((k4 / "arm.json").read_text())
     (k4 / "arm.json").write_text(json.dumps(dict(info, status="running")))
-    out = cli(args[:-len(TINY)] + TINY[1:] + ["--trainer.max_epochs=2"], tmp_path).stdout
+    shutil.copy(k4 / "checkpoints" / "best-0.ckpt", k4 / "checkpoints" / "last.ckpt")
+    out = cli(args, tmp_path).stdout
     assert "skip finished k1/seed_0" in out
     assert "start k4/seed_0 (resuming)" in out
     assert sorted(p.name for p in k1.glob("events.out.tfevents.*")) == events_before  # nothing recomputed
     ckpt = __import__("torch").load(k4 / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
-    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 4  # continued from epoch 1, not restarted
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 4
+    resumed = [f for f in sorted(p.name for p in k4.glob("events.out.tfevents.*")) if f not in k4_events]
+    assert val_steps(k4, resumed[0]) == both_epochs[1:]  # only the second epoch: continued, not restarted
 
     from biformer_lit.report import load_runs, make_report, summarize
     for run in load_runs(runs):  # the logged best includes the last epoch's validation
@@ -140,3 +214,5 @@ def test_paper_scale_switch_keeps_every_arm_valid(path, data, tmp_path):
         model = arm_config(cfg, arm, 0, tmp_path / arm["name"] / "seed_0", True)["model"]
         net = timm.create_model(model["model"], img_size=224, **model.get("model_kwargs", {}))
         assert net.stage_cfg["depths"] == [2, 2, 6, 2] and net.stage_cfg["embed_dims"] == [96, 192, 384, 768]
+    from biformer_lit.data import ImageDataModule
+    assert ImageDataModule(**cfg["data"]).hparams.num_classes is None  # the dataset's own, not the CPU task's
