@@ -15,14 +15,17 @@ type; for a file you trust, `--weights_only false` (a Trainer.fit/validate argum
 """
 import os
 import pickle
+import re
 import tempfile
+import zipfile
 from typing import Any, Dict, Optional, Set
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
-__all__ = ["AtomicCheckpointIO", "CheckpointError", "read_state_dict", "load_init_weights"]
+__all__ = ["AtomicCheckpointIO", "CheckpointError", "load_checkpoint_file", "check_resume_checkpoint",
+           "state_dict_mismatches", "read_state_dict", "load_init_weights"]
 
 
 class CheckpointError(ValueError):
@@ -67,19 +70,52 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                                        weights_only=True if weights_only is None else weights_only)
 
 
+def load_checkpoint_file(path, weights_only: bool = True) -> Any:
+    """torch.load on the CPU, every way a file can be unusable turned into a one-line CheckpointError."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    unreadable = f"{path}: not a readable PyTorch checkpoint (corrupt, truncated, or another kind of file)"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # whatever torch.load raises on this file is about the file
+        if isinstance(e, pickle.UnpicklingError) and zipfile.is_zipfile(path):
+            # a real checkpoint holding pickled Python objects beyond tensors and plain values: refused
+            # rather than run on load
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            what = found.group(1) if found else "objects of unknown type"
+            raise CheckpointError(f"{path}: holds more than tensors and plain values (pickled {what}); "
+                                  f"refused by the safe loader (weights_only)") from None
+        # not a zip archive (torch.save writes those): the unpickler's message would only mislead
+        detail = "" if isinstance(e, pickle.UnpicklingError) else f" ({type(e).__name__}: {str(e)[:80]})"
+        raise CheckpointError(unreadable + detail) from None
+
+
+def check_resume_checkpoint(path, weights_only: bool = True, instead: str = "--model.init_from FILE") -> None:
+    """`--ckpt_path FILE`: a Lightning training checkpoint, readable (CheckpointError otherwise);
+    `instead` names the option that takes a plain weights file."""
+    ckpt = load_checkpoint_file(path, weights_only)
+    if not isinstance(ckpt, dict) or "pytorch-lightning_version" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a Lightning training checkpoint (no training state); "
+                              f"for a file of weights use {instead.replace('FILE', str(path))}")
+
+
+def state_dict_mismatches(sd: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor],
+                          ignore: Set[str] = frozenset()) -> str:
+    """'' if `sd` loads into a model whose state dict is `own`, else what does not fit."""
+    # checkpoints saved before BatchNorm counted batches lack num_batches_tracked: harmless
+    missing = {k for k in own.keys() - sd.keys() if not k.endswith("num_batches_tracked")} - ignore
+    unexpected = sd.keys() - own.keys()
+    shapes = {f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd.keys() & own.keys()
+              if isinstance(sd[k], torch.Tensor) and sd[k].shape != own[k].shape}
+    return "; ".join(f"{what}: {_listing(keys)}" for what, keys in
+                     (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if keys)
+
+
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """The model weights in `path`: a Lightning .ckpt (`state_dict`, keys under `model.`), the original
     BiFormer release format (`{"model": state_dict}`), or a bare state dict."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # a file with pickled Python objects; we refuse rather than execute arbitrary code on load
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a plain weights file (torch.load weights_only=True: {first})") from e
-    except (RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from e
+    ckpt = load_checkpoint_file(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(ckpt).__name__}")
     if isinstance(ckpt.get("state_dict"), dict):  # Lightning
@@ -124,14 +160,8 @@ def load_init_weights(model: nn.Module, path: str, ignore_head: bool = False) ->
                     f"{path}: the checkpoint's classifier ({key}) has {sd[key].shape[0]} classes but the model has "
                     f"{own[key].shape[0]} (from the data); use matching data, or "
                     f"--model.init_from_ignore_head=true to start a new classifier")
-    # checkpoints saved before BatchNorm counted batches lack num_batches_tracked: harmless
-    missing = {k for k in own.keys() - sd.keys() if not k.endswith("num_batches_tracked")}
-    missing -= head_keys if ignore_head else set()
-    unexpected = sd.keys() - own.keys()
-    shapes = {k for k in sd.keys() & own.keys() if sd[k].shape != own[k].shape}
-    problems = [f"{what}: {_listing(keys)}" for what, keys in
-                (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if keys]
+    problems = state_dict_mismatches(sd, own, ignore=head_keys if ignore_head else set())
     if problems:
-        raise CheckpointError(f"{path} does not fit model {type(model).__name__} ({'; '.join(problems)}); "
+        raise CheckpointError(f"{path} does not fit model {type(model).__name__} ({problems}); "
                               f"check --model.model and --model.model_kwargs")
     model.load_state_dict(sd, strict=False)

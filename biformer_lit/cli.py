@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, check_resume_checkpoint
 from .module import ClassificationModule, NonFiniteLossError
 
 TRAINER_DEFAULTS = {
@@ -60,6 +60,15 @@ class BiFormerCLI(LightningCLI):
         # num_classes may come from the files (imagefolder): read it from the built data module
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.img_size", "model.img_size")
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Lightning reads --ckpt_path FILE next (for its hyperparameters) with a bare torch.load: check the
+        # file first, so a corrupt, truncated or foreign file is a one-line error, not a traceback
+        cfg = self.config.get(self.config.get("subcommand") or "", {})
+        path = cfg.get("ckpt_path") if hasattr(cfg, "get") else None
+        if path and os.path.isfile(path):
+            check_resume_checkpoint(path, weights_only=cfg.get("weights_only") is not False)
 
     def before_instantiate_classes(self) -> None:
         # `fit --ckpt_path last` finds last.ckpt in the checkpoint folder of *this* run's logger version;

@@ -23,7 +23,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from . import models as _models  # noqa: F401  (registers the BiFormer models with timm)
-from .checkpoint import load_init_weights
+from .checkpoint import CheckpointError, load_init_weights, state_dict_mismatches
 
 
 class NonFiniteLossError(RuntimeError):
@@ -144,6 +144,15 @@ class ClassificationModule(L.LightningModule):
             if self.ema is not None:
                 self.ema.set(self.model)
         self._initialised = True
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # Lightning's strict load would end in a long traceback; say what does not fit, and the way out
+        problems = state_dict_mismatches(checkpoint.get("state_dict", {}), self.state_dict())
+        if problems:
+            raise CheckpointError(f"the checkpoint does not fit this model ({problems}): it was trained with "
+                                  f"another model, model_kwargs, class count or EMA setting; to start from "
+                                  f"its weights use --model.init_from FILE (and --model.init_from_ignore_head "
+                                  f"true for a new classifier)")
 
     def lr_scale(self) -> float:
         """global batch / base_batch_size (1 if scale_lr is off or the batch size is unknown)."""

@@ -11,7 +11,6 @@ CLI: python cli.py visualize --ckpt_path CKPT --image IMG [IMG...] --out DIR
 import argparse
 import contextlib
 import math
-import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -406,25 +405,18 @@ def normalise(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Te
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
-def _torch_load(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise UsageError(f"cannot load {path} as a plain tensor file (weights_only): {e}") from None
-
-
 def load_weights_model(name: str, weights: Optional[Path]) -> nn.Module:
     """timm model `name` (num_classes taken from the weights' head), loaded from an original-format
     {"model": sd}, a {"state_dict": ...} Lightning file or a bare state dict. No weights: random init."""
     import timm
     from . import models  # noqa: F401  (registers the BiFormer models with timm)
+    from .checkpoint import CheckpointError, read_state_dict
     sd = None
     if weights is not None:
-        sd = _torch_load(weights)
-        if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
-            sd = sd["model"]
-        elif isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # Lightning: strip "model."
-            sd = {k[len("model."):]: v for k, v in sd["state_dict"].items() if k.startswith("model.")}
+        try:
+            sd = read_state_dict(str(weights))
+        except CheckpointError as e:
+            raise UsageError(str(e)) from None
     kwargs = {}
     if sd is not None and "head.weight" in sd:
         kwargs["num_classes"] = sd["head.weight"].shape[0]
@@ -446,13 +438,14 @@ def load_checkpoint_model(path: Path, trust: bool) -> nn.Module:
     except ImportError as e:
         raise UsageError(f"--ckpt_path needs biformer_lit.module.ClassificationModule ({e}); "
                          f"use --model NAME --weights FILE instead") from None
+    from .checkpoint import CheckpointError, check_resume_checkpoint
     try:
         # weights_only refuses arbitrary pickled objects; --trust_checkpoint lifts that for own files
-        lm = ClassificationModule.load_from_checkpoint(path, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as e:
-        raise UsageError(f"{path} holds more than tensors and plain values ({e}); if you trust the file, "
-                         f"pass --trust_checkpoint") from None
-    return lm.model
+        check_resume_checkpoint(path, weights_only=not trust, instead="--model NAME --weights FILE")
+    except CheckpointError as e:
+        hint = "; if you trust the file, pass --trust_checkpoint" if "more than tensors" in str(e) else ""
+        raise UsageError(f"{e}{hint}") from None
+    return ClassificationModule.load_from_checkpoint(path, map_location="cpu", weights_only=not trust).model
 
 
 def model_img_size(net: nn.Module) -> int:

@@ -174,7 +174,14 @@ def _bad_cases(root: Path):
         _png(root / "empty" / split / "b" / "0.png")
         (root / "empty" / split / "a").mkdir(parents=True, exist_ok=True)
     from biformer_lit.module import create_model
-    torch.save({"model": create_model("biformer_cpu_tiny", 10, 32, 0.0).state_dict()}, root / "ten_classes.pth")
+    import lightning
+    ten = create_model("biformer_cpu_tiny", 10, 32, 0.0).state_dict()
+    torch.save({"model": ten}, root / "ten_classes.pth")
+    (root / "random.ckpt").write_bytes(bytes(range(256)) * 20)
+    (root / "truncated.ckpt").write_bytes((root / "ten_classes.pth").read_bytes()[:50_000])
+    # a Lightning checkpoint of the same model with 10 classes: resuming it into a 4-class run
+    torch.save({"pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0,
+                "state_dict": {f"model.{k}": v for k, v in ten.items()}}, root / "ten_classes.ckpt")
     folder = ["--data.dataset", "imagefolder", "--trainer.max_epochs", "1"]
     return {
         "missing_dataset": (["fit", *SMALL, *folder, "--data.root", str(root / "nowhere")], "does not exist"),
@@ -183,6 +190,15 @@ def _bad_cases(root: Path):
         "class_count": (["fit", *SMALL, "--model.init_from", str(root / "ten_classes.pth")],
                         "10 classes but the model has 4"),
         "missing_ckpt": (["fit", *SMALL, "--ckpt_path", str(root / "gone.ckpt")], "gone.ckpt"),
+        "corrupt_ckpt": (["fit", *SMALL, "--ckpt_path", str(root / "random.ckpt")],
+                         "random.ckpt: not a readable PyTorch checkpoint"),
+        "truncated_ckpt": (["validate", *SMALL, "--ckpt_path", str(root / "truncated.ckpt")],
+                           "truncated.ckpt: not a readable PyTorch checkpoint"),
+        "weights_as_ckpt": (["fit", *SMALL, "--ckpt_path", str(root / "ten_classes.pth")],
+                            "is not a Lightning training checkpoint (no training state); for a file of weights "
+                            "use --model.init_from"),
+        "ckpt_other_classes": (["fit", *SMALL, "--ckpt_path", str(root / "ten_classes.ckpt")],
+                               "does not fit this model (shape mismatch: model.head.bias (10,) vs (4,)"),
         "missing_init": (["validate", *SMALL, "--model.init_from", str(root / "gone.pth")], "gone.pth"),
         "unknown_key": (["fit", "--model.no_such_option", "1"], "no_such_option"),
         "wrong_type": (["fit", "--trainer.max_epochs", "ten"], "max_epochs"),
@@ -200,8 +216,9 @@ def bad_runs(tmp_path_factory):
         return {name: (f.result(), cases[name][1]) for name, f in futures.items()}
 
 
-BAD = ["missing_dataset", "empty_class", "corrupt_image", "class_count", "missing_ckpt", "missing_init",
-       "unknown_key", "wrong_type", "bad_topk"]
+BAD = ["missing_dataset", "empty_class", "corrupt_image", "class_count", "missing_ckpt", "corrupt_ckpt",
+       "truncated_ckpt", "weights_as_ckpt", "ckpt_other_classes", "missing_init", "unknown_key", "wrong_type",
+       "bad_topk"]
 
 
 @pytest.mark.slow

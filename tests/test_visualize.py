@@ -128,6 +128,18 @@ def test_main_missing_files_is_a_clean_error(tmp_path, capsys):
     assert V.main(["--image", "x.png", "--out", str(tmp_path)]) == 2  # neither --ckpt_path nor --model
 
 
+@pytest.mark.parametrize("source", ["--ckpt_path", "--weights"])
+def test_main_unreadable_checkpoint_is_a_clean_error(tmp_path, capsys, source):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(bytes(range(256)) * 8)
+    write_image(tmp_path / "cat.png")
+    model = ["--model", "biformer_cpu_tiny"] if source == "--weights" else []
+    rc = V.main([*model, source, str(bad), "--image", str(tmp_path / "cat.png"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"error: {bad}: not a readable PyTorch checkpoint (corrupt, truncated, or another " \
+                              f"kind of file)\n"
+
+
 def test_main_from_lightning_checkpoint(tmp_path):
     module = pytest.importorskip("biformer_lit.module")
     lm = module.ClassificationModule(model="biformer_cpu_tiny", num_classes=4)
