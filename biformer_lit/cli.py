@@ -7,6 +7,8 @@ last + best val/top1, atomic checkpoint writes) are parser defaults, so YAML and
 Bad input (data, checkpoints, model settings) ends with `error: <message>` and exit status 2;
 other exceptions are bugs and keep their traceback.
 """
+import difflib
+import inspect
 import os
 import re
 import sys
@@ -14,7 +16,7 @@ from typing import List, Optional
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .checkpoint import CheckpointError, check_resume_checkpoint
@@ -37,6 +39,11 @@ LAST_CHECKPOINT_DEFAULTS = {"monitor": None, "save_top_k": 1, "save_last": False
                             "enable_version_counter": False}
 
 
+MORE_COMMANDS = ("Two more commands have their own options: `cli.py report RUNS_DIR` (an ablation's table and "
+                 "plots; see `cli.py report --help`) and `cli.py visualize` (routing pictures; see "
+                 "`cli.py visualize --help`).")
+
+
 class ConfigError(ValueError):
     """A model/data/trainer setting rejected while building the objects (user input)."""
 
@@ -49,6 +56,23 @@ def _data_error():
 def _user_errors() -> tuple:
     return (_data_error(), CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError,
             MisconfigurationException, NonFiniteLossError)
+
+
+class ShortErrorParser(LightningArgumentParser):
+    """On bad arguments: the error and a close match, not a hundred lines of usage first."""
+
+    def print_usage(self, file=None) -> None:  # argparse calls it only on errors; --help prints help
+        pass
+
+    def error(self, message: str, ex: Optional[Exception] = None):
+        parser = getattr(ex, "subcommand_parser", None) or self
+        wrong = re.findall(r"(?:unrecognized arguments: |does not accept option ')(--)?([\w.]+)", message)
+        if wrong:
+            options = {o.lstrip("-") for a in parser._actions for o in a.option_strings if o.startswith("--")}
+            close = difflib.get_close_matches(wrong[0][1], options, n=1, cutoff=0.75)
+            if close:
+                message += f" (did you mean --{close[0]}?)"
+        super().error(message, ex)
 
 
 class BiFormerCLI(LightningCLI):
@@ -101,7 +125,7 @@ class BiFormerCLI(LightningCLI):
         except TypeError as e:
             if "unexpected keyword argument" not in str(e):  # e.g. a typo in model_kwargs; else a bug
                 raise
-            raise ConfigError(str(e)) from e
+            raise ConfigError(_with_allowed_kwargs(str(e))) from e
 
 
     def after_instantiate_classes(self) -> None:
@@ -112,6 +136,18 @@ class BiFormerCLI(LightningCLI):
         for hp in (getattr(dm, "hparams", None), getattr(dm, "_hparams_initial", None)):
             if hp is not None and "num_classes" in hp and hp["num_classes"] is None:
                 hp["num_classes"] = dm.num_classes
+
+
+def _with_allowed_kwargs(message: str) -> str:
+    """A model_kwargs typo for BiFormer: add the closest accepted name and the whole list."""
+    found = re.search(r"BiFormer\.__init__\(\) got an unexpected keyword argument '(\w+)'", message)
+    if not found:
+        return message
+    from .models import BiFormer
+    allowed = [p for p in inspect.signature(BiFormer.__init__).parameters if p != "self"]
+    close = difflib.get_close_matches(found.group(1), allowed, n=1)
+    return (f"model_kwargs: BiFormer takes no {found.group(1)!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; allowed: {', '.join(allowed)}")
 
 
 def _maybe_ablation(argv: List[str]) -> Optional[int]:
@@ -127,6 +163,7 @@ def make_cli(args: Optional[List[str]] = None, run: bool = True) -> BiFormerCLI:
     """The LightningCLI (args=None: sys.argv). run=False builds model, data and trainer only (tests, notebooks)."""
     from .data import ImageDataModule  # lazily: report/visualize don't need the data stack
     return BiFormerCLI(ClassificationModule, ImageDataModule, subclass_mode_model=False, subclass_mode_data=False,
+                       parser_class=ShortErrorParser, parser_kwargs={"epilog": MORE_COMMANDS},
                        trainer_defaults=TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
                        auto_configure_optimizers=False,  # the module's recipe owns the optimizer and schedule
                        args=args, run=run)

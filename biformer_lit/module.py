@@ -48,6 +48,27 @@ def create_model(name: str, num_classes: int, img_size: int, drop_path: float,
     return timm.create_model(name, **kwargs)
 
 
+# setting -> (allowed range, as said in the error); checked before anything is built, so a bad value
+# fails at once with its name instead of mid-run in the optimizer, the loss or drop path
+RECIPE_RANGES = {
+    "lr": (lambda v: v > 0, "> 0"), "min_lr": (lambda v: v >= 0, ">= 0"), "eps": (lambda v: v > 0, "> 0"),
+    "base_batch_size": (lambda v: v >= 1, ">= 1"), "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "warmup_epochs": (lambda v: v >= 0, ">= 0"), "warmup_steps": (lambda v: v is None or v >= 0, ">= 0"),
+    "mixup": (lambda v: v >= 0, ">= 0 (0 = off)"), "cutmix": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "[0, 1)"), "drop_path": (lambda v: 0 <= v < 1, "[0, 1)"),
+    "mixup_prob": (lambda v: 0 <= v <= 1, "[0, 1]"), "mixup_switch_prob": (lambda v: 0 <= v <= 1, "[0, 1]"),
+    "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two values in [0, 1)"),
+    "ema_decay": (lambda v: v is None or 0 < v < 1, "(0, 1), e.g. 0.9998, or null (off)"),
+}
+
+
+def check_recipe(**settings) -> None:
+    for name, value in settings.items():
+        ok, allowed = RECIPE_RANGES[name]
+        if not ok(value):
+            raise ValueError(f"{name}={value!r}; allowed: {allowed}")
+
+
 def param_groups(model: nn.Module, weight_decay: float):
     """Two AdamW groups: decayed weights, and 1-D params (norms, biases) + model.no_weight_decay() names."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
@@ -104,6 +125,10 @@ class ClassificationModule(L.LightningModule):
                  ema_decay: Optional[float] = None,
                  init_from: Optional[str] = None, init_from_ignore_head: bool = False):
         super().__init__()
+        check_recipe(lr=lr, min_lr=min_lr, base_batch_size=base_batch_size, weight_decay=weight_decay, betas=betas,
+                     eps=eps, warmup_epochs=warmup_epochs, warmup_steps=warmup_steps,
+                     label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, mixup_prob=mixup_prob,
+                     mixup_switch_prob=mixup_switch_prob, drop_path=drop_path, ema_decay=ema_decay)
         self.save_hyperparameters()
         self.model = create_model(model, num_classes, img_size, drop_path, model_kwargs)
         self.mixup_fn = None

@@ -186,7 +186,8 @@ def _bad_cases(root: Path):
     return {
         "missing_dataset": (["fit", *SMALL, *folder, "--data.root", str(root / "nowhere")], "does not exist"),
         "empty_class": (["fit", *SMALL, *folder, "--data.root", str(root / "empty")], "has no images"),
-        "corrupt_image": (["fit", *SMALL, *folder, "--data.root", str(root / "corrupt")], "broken.png"),
+        "corrupt_image": (["fit", *SMALL, *folder, "--data.root", str(root / "corrupt"), "--data.batch_size", "2"],
+                          "broken.png"),
         "class_count": (["fit", *SMALL, "--model.init_from", str(root / "ten_classes.pth")],
                         "10 classes but the model has 4"),
         "missing_ckpt": (["fit", *SMALL, "--ckpt_path", str(root / "gone.ckpt")], "gone.ckpt"),
@@ -203,6 +204,13 @@ def _bad_cases(root: Path):
         "unknown_key": (["fit", "--model.no_such_option", "1"], "no_such_option"),
         "wrong_type": (["fit", "--trainer.max_epochs", "ten"], "max_epochs"),
         "bad_topk": (["fit", *SMALL, "--model.model_kwargs", '{"topks": [99, 4, 2, 1]}'], "topk=99"),
+        "kwargs_typo": (["fit", *SMALL, "--model.model_kwargs", '{"topk": 2}'],
+                        "model_kwargs: BiFormer takes no 'topk' (did you mean 'topks'?); allowed: num_classes"),
+        "option_typo": (["fit", "--model.lrr", "0.1"], "unrecognized arguments: --model.lrr 0.1 (did you mean "
+                                                       "--model.lr?)"),
+        "batch_too_big": (["fit", *SMALL, "--data.batch_size", "64"],
+                          "batch_size=64 is larger than the 32 training images: no full batch"),
+        "negative_lr": (["fit", *SMALL, "--model.lr", "-1"], "lr=-1.0; allowed: > 0"),
     }
 
 
@@ -218,7 +226,7 @@ def bad_runs(tmp_path_factory):
 
 BAD = ["missing_dataset", "empty_class", "corrupt_image", "class_count", "missing_ckpt", "corrupt_ckpt",
        "truncated_ckpt", "weights_as_ckpt", "ckpt_other_classes", "missing_init", "unknown_key", "wrong_type",
-       "bad_topk"]
+       "bad_topk", "kwargs_typo", "option_typo", "batch_too_big", "negative_lr"]
 
 
 @pytest.mark.slow
@@ -228,3 +236,9 @@ def test_bad_input_is_a_short_error(bad_runs, case):
     assert res.returncode == 2, res.stderr[-2000:]
     assert expected in res.stderr
     assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert len(res.stderr.strip().splitlines()) <= 15, res.stderr  # the error, not pages of usage first
+
+
+def test_top_level_help_names_every_command(tmp_path):
+    out = cli(["--help"], tmp_path).stdout
+    assert all(c in out for c in ("fit", "validate", "test", "predict", "cli.py report", "cli.py visualize"))

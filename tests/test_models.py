@@ -96,6 +96,8 @@ def test_drop_path_only_in_training():
     (dict(topks=(1, 4, 16)), r"topks has 3 entries \[1, 4, 16\]; expected 4"),
     (dict(depths=(1, 1, 1, 1, 1)), r"depths has 5 entries"),
     (dict(stem="conv"), r"stem='conv'; allowed: overlap, patch"),
+    (dict(depths=(-1, 2, 2, 2)), r"depths=\[-1, 2, 2, 2\]; allowed: integers >= 0"),
+    (dict(drop_path_rate=1.0), r"drop_path_rate=1.0, drop_rate=0.0; allowed: \[0, 1\)"),
 ])
 def test_bad_configuration_is_rejected_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -69,6 +69,19 @@ def test_img_size_only_for_models_that_take_it():
         create_model("no_such_model", 3, 32, 0.0)
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lr=-1.0), r"lr=-1.0; allowed: > 0"), (dict(drop_path=1.5), r"drop_path=1.5; allowed: \[0, 1\)"),
+    (dict(label_smoothing=1.5), r"label_smoothing=1.5; allowed: \[0, 1\)"),
+    (dict(ema_decay=2.0), r"ema_decay=2.0; allowed: \(0, 1\)"), (dict(mixup_prob=1.2), r"mixup_prob=1.2"),
+    (dict(betas=(0.9, 1.0)), r"betas=\(0.9, 1.0\); allowed: two values in \[0, 1\)"),
+    (dict(warmup_steps=-3), r"warmup_steps=-3; allowed: >= 0"), (dict(weight_decay=-0.1), r"weight_decay=-0.1"),
+])
+def test_recipe_settings_out_of_range_are_rejected_before_training(kwargs, match):
+    """Each used to fail mid-run (AdamW, the loss, drop path) with a traceback, or (EMA) train silently."""
+    with pytest.raises(ValueError, match=match):
+        ClassificationModule(**kwargs)
+
+
 def test_lr_scaled_by_global_batch_and_logged(tmp_path):
     dm = data(batch_size=8)
     m = module(dm, lr=1e-3, warmup_steps=0, mixup=0.0, cutmix=0.0)

@@ -120,6 +120,11 @@ class ImageDataModule(L.LightningDataModule):
         ds = self.train_set if train else self.val_set
         sampler = None
         distributed = self.trainer is not None and self.trainer.world_size > 1
+        world = self.trainer.world_size if distributed else 1
+        if train and len(ds) // world < self.batch_size:  # drop_last: not one batch would be left
+            per = f" per process ({len(ds)} over {world})" if world > 1 else ""
+            raise DataError(f"batch_size={self.batch_size} is larger than the {len(ds) // world} training "
+                            f"images{per}: no full batch; use batch_size <= {len(ds) // world}")
         if train and not distributed:
             # the order of epoch e is a function of (seed, e) alone: a resumed run sees the same batches
             # (under DDP, Lightning's DistributedSampler does the same with its own set_epoch)

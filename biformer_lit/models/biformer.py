@@ -168,6 +168,11 @@ class BiFormer(nn.Module):
         qkv_bias, lepe_kernel = per_stage(qkv_bias, "qkv_bias"), per_stage(lepe_kernel, "lepe_kernel")
         lepe_source, scale_mode = per_stage(lepe_source, "lepe_source"), per_stage(scale_mode, "scale_mode")
         stripe_widths = per_stage(stripe_widths, "stripe_widths")
+        for name, values, lo in (("depths", depths, 0), ("embed_dims", dims, 1)):
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= lo for v in values):
+                raise ValueError(f"{name}={values}; allowed: integers >= {lo}")
+        if not 0.0 <= drop_path_rate < 1.0 or not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"drop_path_rate={drop_path_rate}, drop_rate={drop_rate}; allowed: [0, 1)")
         for name in attn:
             check_attention_name(name)
         sizes = stage_sizes(self.img_size, stem)
