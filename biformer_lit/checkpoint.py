@@ -70,14 +70,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                                        weights_only=True if weights_only is None else weights_only)
 
 
-def load_checkpoint_file(path, weights_only: bool = True) -> Any:
-    """torch.load on the CPU, every way a file can be unusable turned into a one-line CheckpointError."""
+def load_checkpoint_file(path, weights_only: bool = True, mmap: bool = False) -> Any:
+    """torch.load on the CPU, every way a file can be unusable turned into a one-line CheckpointError.
+    mmap: map tensor data instead of reading it (a check of a large checkpoint costs no memory)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     unreadable = f"{path}: not a readable PyTorch checkpoint (corrupt, truncated, or another kind of file)"
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        mmap = mmap and zipfile.is_zipfile(path)  # only torch.save's zip format can be mapped
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
     except Exception as e:  # whatever torch.load raises on this file is about the file
         if isinstance(e, pickle.UnpicklingError) and zipfile.is_zipfile(path):
             # a real checkpoint holding pickled Python objects beyond tensors and plain values: refused
@@ -94,7 +96,7 @@ def load_checkpoint_file(path, weights_only: bool = True) -> Any:
 def check_resume_checkpoint(path, weights_only: bool = True, instead: str = "--model.init_from FILE") -> None:
     """`--ckpt_path FILE`: a Lightning training checkpoint, readable (CheckpointError otherwise);
     `instead` names the option that takes a plain weights file."""
-    ckpt = load_checkpoint_file(path, weights_only)
+    ckpt = load_checkpoint_file(path, weights_only, mmap=True)  # Lightning reads it again right after
     if not isinstance(ckpt, dict) or "pytorch-lightning_version" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a Lightning training checkpoint (no training state); "
                               f"for a file of weights use {instead.replace('FILE', str(path))}")
