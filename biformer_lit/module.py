@@ -14,6 +14,7 @@ import lightning as L
 import timm
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
@@ -234,6 +235,12 @@ class ClassificationModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:  # once per optimizer step, so accumulation doesn't change the EMA horizon
             self.ema.update(self.model)  # constant decay from the initial weights, as DeiT's ModelEma
+
+    def on_fit_start(self) -> None:
+        if self.device.type == "cpu" and any(getattr(m, "backend", None) == "flex" for m in self.model.modules()):
+            # it would fail at the first backward, after the model summary, with a traceback
+            raise MisconfigurationException("attn_backend='flex' cannot train on the CPU (FlexAttention has no "
+                                            "CPU backward); allowed there: auto, indexed, masked, gather")
 
     def on_train_epoch_start(self) -> None:
         self._t_last = None  # the first step's time includes starting the data loader: not measured

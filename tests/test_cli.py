@@ -211,6 +211,8 @@ def _bad_cases(root: Path):
         "batch_too_big": (["fit", *SMALL, "--data.batch_size", "64"],
                           "batch_size=64 is larger than the 32 training images: no full batch"),
         "negative_lr": (["fit", *SMALL, "--model.lr", "-1"], "lr=-1.0; allowed: > 0"),
+        "flex_on_cpu": (["fit", *SMALL, "--model.model_kwargs", '{"attn_backend": "flex"}'],
+                        "attn_backend='flex' cannot train on the CPU"),
     }
 
 
@@ -226,7 +228,7 @@ def bad_runs(tmp_path_factory):
 
 BAD = ["missing_dataset", "empty_class", "corrupt_image", "class_count", "missing_ckpt", "corrupt_ckpt",
        "truncated_ckpt", "weights_as_ckpt", "ckpt_other_classes", "missing_init", "unknown_key", "wrong_type",
-       "bad_topk", "kwargs_typo", "option_typo", "batch_too_big", "negative_lr"]
+       "bad_topk", "kwargs_typo", "option_typo", "batch_too_big", "negative_lr", "flex_on_cpu"]
 
 
 @pytest.mark.slow
