@@ -145,8 +145,10 @@ def _listing(keys, n: int = 4) -> str:
     return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-def load_init_weights(model: nn.Module, path: str, ignore_head: bool = False) -> None:
-    """Initialise `model` from `path` (see read_state_dict); every mismatch is a CheckpointError."""
+def load_init_weights(model: nn.Module, path: str, ignore_head: bool = False,
+                      hint: str = "check --model.model and --model.model_kwargs") -> None:
+    """Initialise `model` from `path` (see read_state_dict); every mismatch is a CheckpointError
+    (`hint` ends the message for parameters that do not fit)."""
     sd = read_state_dict(path)
     from .models import BiFormer, convert_state_dict  # local: keeps this module light to import
     if isinstance(model, BiFormer):  # the load pre-hook would rename too; the checks below need our names
@@ -164,6 +166,5 @@ def load_init_weights(model: nn.Module, path: str, ignore_head: bool = False) ->
                     f"--model.init_from_ignore_head=true to start a new classifier")
     problems = state_dict_mismatches(sd, own, ignore=head_keys if ignore_head else set())
     if problems:
-        raise CheckpointError(f"{path} does not fit model {type(model).__name__} ({problems}); "
-                              f"check --model.model and --model.model_kwargs")
+        raise CheckpointError(f"{path} does not fit model {type(model).__name__} ({problems}); {hint}")
     model.load_state_dict(sd, strict=False)

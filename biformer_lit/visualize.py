@@ -410,7 +410,7 @@ def load_weights_model(name: str, weights: Optional[Path]) -> nn.Module:
     {"model": sd}, a {"state_dict": ...} Lightning file or a bare state dict. No weights: random init."""
     import timm
     from . import models  # noqa: F401  (registers the BiFormer models with timm)
-    from .checkpoint import CheckpointError, read_state_dict
+    from .checkpoint import CheckpointError, load_init_weights, read_state_dict
     sd = None
     if weights is not None:
         try:
@@ -426,9 +426,9 @@ def load_weights_model(name: str, weights: Optional[Path]) -> nn.Module:
         raise UsageError(str(e)) from None
     if sd is not None:
         try:
-            model.load_state_dict(sd)
-        except RuntimeError as e:
-            raise UsageError(f"weights {weights} do not fit {name}: {e}") from None
+            load_init_weights(model, str(weights), hint=f"check that they are weights of {name}")
+        except CheckpointError as e:
+            raise UsageError(str(e)) from None
     return model
 
 
@@ -478,21 +478,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args) -> None:
+    """Values argparse cannot check by type alone."""
+    if args.img_size is not None and args.img_size < 1:
+        raise UsageError(f"--img_size {args.img_size}; allowed: a positive size in pixels")
+    if not all(0.0 <= v <= 1.0 for v in args.query_point):
+        raise UsageError(f"--query_point {args.query_point[0]} {args.query_point[1]}; allowed: fractions in [0, 1]")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; allowed: a folder (created if missing)")
+    stems = [p.stem for p in args.image]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if twice:  # output files are named after the image: one picture would overwrite the other
+        raise UsageError(f"two --image files named {twice[0]!r}: pictures are named after the image; rename one")
+
+
 def run(args) -> List[Path]:
     missing = [p for p in [args.ckpt_path, args.weights, *args.image] if p is not None and not p.is_file()]
     if missing:
         raise UsageError("file not found: " + ", ".join(str(p) for p in missing))
     if args.weights is not None and args.model is None:
         raise UsageError("--weights goes with --model")
+    check_args(args)
     net = load_checkpoint_model(args.ckpt_path, args.trust_checkpoint) if args.ckpt_path \
         else load_weights_model(args.model, args.weights)
     size = args.img_size or model_img_size(net)
+    stages = sorted({s for s, _, _ in attention_layers(net)})
+    unknown = sorted(set(args.stage or []) - set(stages))
+    if unknown:
+        raise UsageError(f"--stage {' '.join(map(str, unknown))}: no such stage; allowed: {', '.join(map(str, stages))}")
     raw = torch.stack([load_image(p, size) for p in args.image])
     images = normalise(raw)
     layers = select_layers(net, args.stage, args.all_blocks)
-    if not layers:
-        raise UsageError(f"no attention layers in stages {args.stage}")
     records = record_layers(net, images, layers, keep_inputs=args.heat)
+    if args.query:
+        fitting = [r for r in records if set(args.query) <= set(nonempty_regions(r))]
+        if not fitting:
+            grids = ", ".join(f"stage {r.stage}: 0..{r.n_win ** 2 - 1}" for r in records)
+            raise UsageError(f"--query {' '.join(map(str, args.query))}: no drawn layer has these regions "
+                             f"(row-major ids; {grids})")
+        if len(fitting) < len(records):  # e.g. 12 exists in a 4x4 grid, not in a 2x2 one
+            missing = sorted({r.stage for r in records} - {r.stage for r in fitting})
+            print(f"note: --query regions missing in stage(s) {missing}: those layers show the default query "
+                  f"regions", file=sys.stderr)
     modules = {(s, b): m for s, b, m in attention_layers(net)}
     args.out.mkdir(parents=True, exist_ok=True)
     written = []

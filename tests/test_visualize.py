@@ -128,6 +128,31 @@ def test_main_missing_files_is_a_clean_error(tmp_path, capsys):
     assert V.main(["--image", "x.png", "--out", str(tmp_path)]) == 2  # neither --ckpt_path nor --model
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--img_size", "0"], "--img_size 0; allowed: a positive size in pixels"),
+    (["--query", "99"], "--query 99: no drawn layer has these regions (row-major ids; stage 0: 0..15"),
+    (["--query_point", "1.5", "-2"], "--query_point 1.5 -2.0; allowed: fractions in [0, 1]"),
+    (["--out", "{tmp}/afile"], "is a file; allowed: a folder"),
+    (["--stage", "1", "7"], "--stage 7: no such stage; allowed: 0, 1, 2, 3"),
+    (["--image", "{tmp}/a/x.png", "{tmp}/b/x.png"], "two --image files named 'x'"),
+    (["--weights", "{tmp}/w.pth"], "does not fit model BiFormer (missing: head.bias"),
+])
+def test_main_bad_values_are_clean_errors(tmp_path, capsys, extra, message):
+    """Each was accepted silently (drawing something else) or ended in a traceback."""
+    for name in ("cat.png", "a/x.png", "b/x.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        write_image(tmp_path / name)
+    (tmp_path / "afile").write_text("")
+    torch.save({"model": {"head.weight": torch.zeros(3, 7)}}, tmp_path / "w.pth")
+    extra = [a.format(tmp=tmp_path) for a in extra]
+    args = ["--model", "biformer_cpu_tiny", "--out", str(tmp_path / "o")]
+    if "--image" not in extra:
+        args += ["--image", str(tmp_path / "cat.png")]
+    rc = V.main(args + extra)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("source", ["--ckpt_path", "--weights"])
 def test_main_unreadable_checkpoint_is_a_clean_error(tmp_path, capsys, source):
     bad = tmp_path / "bad.ckpt"
