@@ -74,6 +74,8 @@ def load_runs(ablation_dir) -> list[dict]:
     Raises FileNotFoundError if the folder does not exist.
     """
     top = Path(ablation_dir)
+    if top.exists() and not top.is_dir():
+        raise NotADirectoryError(f"{top} is a file; give the ablation's folder (runs/<ablation>)")
     if not top.is_dir():
         raise FileNotFoundError(f"no such ablation folder: {top}")
 
@@ -319,13 +321,18 @@ def make_report(ablation_dir, out_dir=None) -> Path:
     return _write_report(ablation_dir, out_dir)[0]
 
 
-def _write_report(ablation_dir, out_dir) -> tuple[Path, str]:
-    """make_report's work; also returns the table so the CLI need not read the logs twice."""
+def _write_report(ablation_dir, out_dir) -> tuple[Path, str, list[str]]:
+    """make_report's work; also returns the table and the unfinished runs, so the CLI need not read
+    the logs twice."""
     ablation_dir = Path(ablation_dir)
     runs = load_runs(ablation_dir)
     if not runs:
         raise ValueError(f"no TensorBoard event files under {ablation_dir}")
+    if not any(r["scalars"].get("val/top1") for r in runs):  # a table of dashes is no report
+        raise ValueError(f"no run under {ablation_dir} has validated yet ({len(runs)} runs, none with val/top1)")
     out = Path(out_dir) if out_dir is not None else ablation_dir
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; allowed: a folder (created if missing)")
     out.mkdir(parents=True, exist_ok=True)
 
     rows = summarize(runs)
@@ -355,21 +362,24 @@ def _write_report(ablation_dir, out_dir) -> tuple[Path, str]:
     ])
     path = out / "report.md"
     path.write_text(text, encoding="utf-8")
-    return path, table
+    return path, table, unfinished
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``report <ablation_dir> [--out DIR]`` (argv excludes the subcommand name)."""
-    parser = argparse.ArgumentParser(prog="report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="cli.py report", description=__doc__.splitlines()[0])
     parser.add_argument("ablation_dir", type=Path, help="runs/<ablation> folder")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: ablation_dir)")
     args = parser.parse_args(argv)
     try:
-        path, table = _write_report(args.ablation_dir, args.out)
+        path, table, unfinished = _write_report(args.ablation_dir, args.out)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
-        print(f"report: error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(table, end="")
+    if unfinished:
+        print(f"note: unfinished runs (their rows show what they logged so far): {', '.join(unfinished)}",
+              file=sys.stderr)
     print(f"wrote {path}")
     return 0
 

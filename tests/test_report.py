@@ -135,19 +135,36 @@ def test_make_report_and_cli(ablation, tmp_path, capsys):
         assert img[..., :3].std() > 0.01  # not a blank canvas
 
     assert report.main([str(ablation), "--out", str(tmp_path / "cli")]) == 0
-    stdout = capsys.readouterr().out
-    assert "| window | 10.00 |" in stdout and str(tmp_path / "cli" / "report.md") in stdout
+    captured = capsys.readouterr()
+    assert "| window | 10.00 |" in captured.out and str(tmp_path / "cli" / "report.md") in captured.out
+    assert captured.err == "note: unfinished runs (their rows show what they logged so far): window/seed_1 (running)\n"
 
 
-@pytest.mark.parametrize("make_dir", [False, True])
-def test_cli_errors(tmp_path, capsys, make_dir):
+@pytest.mark.parametrize("case,message", [("missing", "no such ablation folder"),
+                                          ("empty", "no TensorBoard event files"),
+                                          ("file", "is a file; give the ablation's folder"),
+                                          ("never_validated", "has validated yet (1 runs, none with val/top1)"),
+                                          ("out_is_file", "--out")])
+def test_cli_errors(tmp_path, capsys, case, message):
     target = tmp_path / "runs" / "nothing"
-    if make_dir:  # exists, but no event files
+    extra = []
+    if case == "file":
+        target.parent.mkdir(parents=True)
+        target.write_text("")
+    elif case != "missing":  # exists, but no event files / only training scalars
         target.mkdir(parents=True)
         (target / "arm.json").write_text("{}")
-    assert report.main([str(target)]) == 2
+    if case in ("never_validated", "out_is_file"):
+        with SummaryWriter(target / "k1" / "seed_0") as w:
+            w.add_scalar("train/loss", 1.0, 0)
+            if case == "out_is_file":
+                w.add_scalar("val/top1", 50.0, 0)
+    if case == "out_is_file":
+        (tmp_path / "afile").write_text("")
+        extra = ["--out", str(tmp_path / "afile")]
+    assert report.main([str(target), *extra]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     err = captured.err.strip()
-    assert err.startswith("report: error:") and "\n" not in err and str(target) in err
+    assert err.startswith("error:") and "\n" not in err and message in err, err
     assert not (target / "report.md").exists()
