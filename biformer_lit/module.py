@@ -236,6 +236,14 @@ class ClassificationModule(L.LightningModule):
         if self.ema is not None:  # once per optimizer step, so accumulation doesn't change the EMA horizon
             self.ema.update(self.model)  # constant decay from the initial weights, as DeiT's ModelEma
 
+    def on_train_start(self) -> None:
+        # Resumed with another schedule length (say more epochs): the restored optimizer holds the old
+        # schedule's lr until the scheduler's first step; set the new schedule's lr for this step now.
+        sched = self.lr_schedulers()
+        if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+            for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * factor(sched.last_epoch)
+
     def on_fit_start(self) -> None:
         if self.device.type == "cpu" and any(getattr(m, "backend", None) == "flex" for m in self.model.modules()):
             # it would fail at the first backward, after the model summary, with a traceback

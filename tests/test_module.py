@@ -82,6 +82,29 @@ def test_recipe_settings_out_of_range_are_rejected_before_training(kwargs, match
         ClassificationModule(**kwargs)
 
 
+def test_resuming_with_more_epochs_uses_the_new_schedule_from_the_first_step(tmp_path):
+    """The restored optimizer held the old schedule's final lr for one step (seen: 1e-5 instead of 2.6e-4)."""
+    class FirstLr(L.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append((trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"]))
+
+    dm = data()  # 4 batches per epoch
+    kw = dict(lr=1e-3, min_lr=1e-5, scale_lr=False, warmup_steps=0, mixup=0.0, cutmix=0.0)
+    short = trainer(tmp_path, max_steps=-1, max_epochs=1, enable_checkpointing=True, limit_val_batches=0)
+    short.fit(module(dm, **kw), datamodule=dm)
+    ckpt = tmp_path / "one_epoch.ckpt"
+    short.save_checkpoint(ckpt)
+    spy = FirstLr()
+    longer = trainer(tmp_path, max_steps=-1, max_epochs=3, limit_val_batches=0, callbacks=[spy])
+    longer.fit(module(dm, **kw), datamodule=dm, ckpt_path=str(ckpt))
+    step, lr = spy.seen[0]
+    assert step == 4
+    assert lr == pytest.approx(1e-3 * warmup_cosine(0, 12, 1e-2)(4))  # 12 steps now, not the old 4
+
+
 def test_lr_scaled_by_global_batch_and_logged(tmp_path):
     dm = data(batch_size=8)
     m = module(dm, lr=1e-3, warmup_steps=0, mixup=0.0, cutmix=0.0)
