@@ -144,7 +144,8 @@ def plan(section: dict) -> dict:
         out["arms"] = [a for a in arms if a["name"] in wanted]
     if index is not None:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(arms):
-            raise AblationError(f"--ablation.index={index!r}; allowed: an integer in 0..{len(arms) - 1} ({len(arms)} arms)")
+            raise AblationError(f"--ablation.index={index!r}; allowed: an integer in 0..{len(arms) - 1} "
+                                f"({len(arms)} arms)")
         out["arms"] = [arms[index]]
     return out
 
@@ -212,7 +213,7 @@ def _fit_command(config_path: Path, passthrough: List[str]) -> List[str]:
     return [sys.executable, "-m", "biformer_lit.cli", "fit", "--config", str(config_path), *passthrough]
 
 
-def inspect(jobs: List[dict], passthrough: List[str]) -> int:
+def show_arms(jobs: List[dict], passthrough: List[str]) -> int:
     """--help / --print_config: what `fit` says of each run's config; nothing trains, no status changes."""
     import tempfile
     printing = any(a.startswith("--print_config") for a in passthrough)
@@ -285,7 +286,7 @@ def maybe_run_ablation(argv: List[str]) -> Optional[int]:
                              index=all_arms.index(arm["name"]),
                              config=arm_config(cfg, arm, seed, run_dir, p["visualize"])))
     if any(a in INSPECT_FLAGS or a.startswith("--print_config=") for a in passthrough):
-        return inspect(jobs, passthrough)
+        return show_arms(jobs, passthrough)
     for j in jobs:
         check_same_settings(j, settings(j, passthrough))
     todo = [j for j in jobs if read_arm(j["run_dir"]).get("status") != "finished"]

@@ -174,7 +174,7 @@ class ClassificationModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         # Lightning's strict load would end in a long traceback; say what does not fit, and the way out
         problems = state_dict_mismatches(checkpoint.get("state_dict", {}), self.state_dict())
-        if problems:
+        if problems and self.strict_loading:
             raise CheckpointError(f"the checkpoint does not fit this model ({problems}): it was trained with "
                                   f"another model, model_kwargs, class count or EMA setting; to start from "
                                   f"its weights use --model.init_from FILE (and --model.init_from_ignore_head "

@@ -505,7 +505,8 @@ def run(args) -> List[Path]:
     stages = sorted({s for s, _, _ in attention_layers(net)})
     unknown = sorted(set(args.stage or []) - set(stages))
     if unknown:
-        raise UsageError(f"--stage {' '.join(map(str, unknown))}: no such stage; allowed: {', '.join(map(str, stages))}")
+        raise UsageError(f"--stage {' '.join(map(str, unknown))}: no such stage; "
+                         f"allowed: {', '.join(map(str, stages))}")
     raw = torch.stack([load_image(p, size) for p in args.image])
     images = normalise(raw)
     layers = select_layers(net, args.stage, args.all_blocks)
