@@ -8,6 +8,7 @@ through its affinity matmul; top-k and gathers are data movement, not arithmetic
 The paper's "FLOPs" are multiply-accumulates (fvcore convention); `count_gmacs` returns those.
 """
 import copy
+from typing import Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -28,9 +29,12 @@ CUSTOM = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flop}
 
 
 @torch.no_grad()
-def count_gmacs(model: torch.nn.Module, img_size, in_chans: int = 3) -> float:
-    """GMACs of one forward of one image at img_size, on a CPU copy of the model in eval mode."""
+def count_gmacs(model: torch.nn.Module, img_size, in_chans: Optional[int] = None) -> float:
+    """GMACs of one forward of one image at img_size, on a CPU copy of the model in eval mode
+    (in_chans: default the model's first convolution's)."""
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    if in_chans is None:
+        in_chans = next((m.in_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)), 3)
     probe = copy.deepcopy(model).cpu().float().eval()
     for m in probe.modules():
         # count the routed algorithm (query x routed-key pairs), not a backend's execution of it:

@@ -59,6 +59,50 @@ def test_features_only_backbone():
     assert [o.shape[-1] for o in outs] == [16, 8, 4, 2] and m.feature_info.reduction() == [4, 8, 16, 32]
 
 
+def test_forward_intermediates_and_getter_features_follow_timm():
+    m = timm.create_model("biformer_cpu_tiny").eval()
+    x = torch.randn(2, 3, 64, 64)
+    final, inter = m.forward_intermediates(x)
+    torch.testing.assert_close(final, m.forward_features(x))
+    assert [t.shape[1] for t in inter] == [32, 64, 128, 256]
+    last_two = m.forward_intermediates(x, indices=2, intermediates_only=True)  # an int: the last n stages
+    assert [t.shape[1] for t in last_two] == [128, 256]
+    assert [t.shape[1] for t in m.forward_intermediates(x, indices=[-1], intermediates_only=True)] == [256]
+    getter = timm.create_model("biformer_cpu_tiny", features_only=True, feature_cls="getter", out_indices=(1, 3))
+    assert [t.shape[1] for t in getter(x)] == [64, 256]
+
+
+@pytest.mark.parametrize("name,stem,size", [("biformer_tiny", "stem.conv1", 224), ("biformer_stl", "stem.conv", 224),
+                                            ("biformer_cpu_tiny", "stem.conv", 64),
+                                            ("biformer_cpu_stl", "stem.conv", 112)])
+def test_pretrained_cfg_describes_the_built_model(name, stem, size):
+    """first_conv names the stem's conv (timm adapts it for in_chans != 3), input_size the preset's size."""
+    from timm.models import get_pretrained_cfg
+    m = timm.create_model(name)
+    assert dict(m.named_modules())[m.pretrained_cfg["first_conv"]].kernel_size[0] in (3, 4)
+    assert m.pretrained_cfg["first_conv"] == stem and get_pretrained_cfg(name).first_conv == stem
+    assert timm.data.resolve_model_data_config(m)["input_size"] == (3, size, size)
+    assert timm.create_model(name, img_size=(size * 2, size)).pretrained_cfg["input_size"] == (3, size * 2, size)
+
+
+def test_released_weights_adapt_to_one_input_channel(tmp_path):
+    """timm sums the first conv's RGB kernels for in_chans=1 when first_conv names the stem's conv (it
+    named a layer the patch stem does not have: loading failed with a size mismatch)."""
+    sd = timm.create_model("biformer_cpu_tiny").state_dict()
+    torch.save({"model": sd}, tmp_path / "w.pth")
+    m = timm.create_model("biformer_cpu_tiny", pretrained=True, in_chans=1,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "w.pth")))
+    torch.testing.assert_close(m.stem.conv.weight[:, 0], sd["stem.conv.weight"].sum(1))
+
+
+def test_gmacs_follow_the_model_input_channels():
+    from biformer_lit.flops import count_gmacs
+    one = count_gmacs(timm.create_model("biformer_cpu_tiny", in_chans=1), 64)
+    three = count_gmacs(timm.create_model("biformer_cpu_tiny"), 64)
+    # only the 4x4 patchify conv (32 outputs on a 16x16 map) sees the two extra channels
+    assert three - one == pytest.approx(2 * 16 * 16 * 32 * 4 * 4 / 1e9)
+
+
 def test_gradient_checkpointing_gives_same_gradients():
     m = timm.create_model("biformer_cpu_tiny", num_classes=3)
     x = torch.randn(2, 3, 64, 64)
@@ -98,10 +142,28 @@ def test_drop_path_only_in_training():
     (dict(stem="conv"), r"stem='conv'; allowed: overlap, patch"),
     (dict(depths=(-1, 2, 2, 2)), r"depths=\[-1, 2, 2, 2\]; allowed: integers >= 0"),
     (dict(drop_path_rate=1.0), r"drop_path_rate=1.0, drop_rate=0.0; allowed: \[0, 1\)"),
+    (dict(n_wins=(4, 4, 2.0, 1)), r"n_win=2.0; allowed: an integer >= 1"),  # a float broke later models too
+    (dict(topks=(4, 4, 2.5, 1)), r"topk=2.5; allowed: an integer"),
+    (dict(global_pool=""), r"global_pool='' \(unpooled features\) needs num_classes=0, got num_classes=1000"),
+    (dict(num_classes=-1), r"num_classes=-1; allowed: an integer >= 0"),
+    (dict(num_heads=(0, None, None, None)), r"num_heads=\[0, None, None, None\]; allowed: integers >= 1"),
+    (dict(mlp_ratios=0), r"mlp_ratios=\[0, 0, 0, 0\]; allowed: numbers > 0"),
+    (dict(attn="window", attn_backend="bogus"), r"attn_backend='bogus'; allowed: auto, indexed"),
+    (dict(qkv_bias="no"), r"qkv_bias=\['no', 'no', 'no', 'no'\]; allowed: true or false"),
+    (dict(img_size=(64, 64, 3)), r"img_size=\(64, 64, 3\); allowed: a size, or \(height, width\), of at least 32"),
+    (dict(img_size=16), r"img_size=16; allowed: .* at least 32 px \(four stages after the patch stem\)"),
 ])
 def test_bad_configuration_is_rejected_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         timm.create_model("biformer_cpu_tiny", **kwargs)
+
+
+def test_reset_classifier_checks_the_head():
+    m = timm.create_model("biformer_cpu_tiny")
+    with pytest.raises(ValueError, match=r"global_pool='max'; allowed: 'avg' or ''"):
+        m.reset_classifier(10, "max")
+    m.reset_classifier(0, "")
+    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 256, 2, 2)
 
 
 @pytest.mark.slow

@@ -35,7 +35,14 @@ class TokenMixer(nn.Module):
                  stripe_width: Optional[int] = None, qkv_bias: bool = True, lepe_kernel: int = 5,
                  lepe_source: str = "v", scale_mode: str = "head", backend: str = "auto"):
         super().__init__()
-        if num_heads < 1 or dim % num_heads:
+        # plain ints only: a float n_win (2.0) would build, then fail in forward, and einops' cached
+        # reshape plans would carry the failure into later, correct models in the same process
+        for name, value, lo in (("dim", dim, 1), ("num_heads", num_heads, 1), ("n_win", n_win, 1),
+                                ("topk", topk, None), ("lepe_kernel", lepe_kernel, 0),  # bra checks topk's range
+                                ("stripe_width", 1 if stripe_width is None else stripe_width, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or (lo is not None and value < lo):
+                raise ValueError(f"{name}={value!r}; allowed: an integer" + (f" >= {lo}" if lo is not None else ""))
+        if dim % num_heads:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
         if scale_mode not in SCALE_MODES:
             raise ValueError(f"scale_mode={scale_mode!r}; allowed: {', '.join(SCALE_MODES)}")

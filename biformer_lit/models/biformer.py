@@ -13,14 +13,29 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..attention import create_attention
+from ..attention.bra import BACKENDS as BRA_BACKENDS
 from ..attention.registry import check_attention_name
 from .convert import checkpoint_filter_fn, convert_on_load
 
 STEMS = ("overlap", "patch")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_head(num_classes, global_pool: str) -> None:
+    if not _is_int(num_classes) or num_classes < 0:
+        raise ValueError(f"num_classes={num_classes!r}; allowed: an integer >= 0 (0 = no classifier)")
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool={global_pool!r}; allowed: 'avg' or '' (no pooling)")
+    if global_pool == "" and num_classes > 0:  # a Linear cannot classify an unpooled map
+        raise ValueError(f"global_pool='' (unpooled features) needs num_classes=0, got num_classes={num_classes}")
 
 
 def per_stage(value, name: str, n: int = 4) -> list:
@@ -159,9 +174,17 @@ class BiFormer(nn.Module):
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"stem={stem!r}; allowed: {', '.join(STEMS)}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool={global_pool!r}; allowed: 'avg' or '' (no pooling)")
+        check_head(num_classes, global_pool)
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if len(self.img_size) != 2 or not all(_is_int(v) and v >= 1 for v in self.img_size) \
+                or min(min(hw) for hw in stage_sizes(self.img_size, stem)) < 1:
+            least = next(n for n in range(1, 1024) if min(min(hw) for hw in stage_sizes((n, n), stem)) >= 1)
+            raise ValueError(f"img_size={img_size!r}; allowed: a size, or (height, width), of at least {least} px "
+                             f"(four stages after the {stem} stem)")
+        if attn_backend not in BRA_BACKENDS:
+            raise ValueError(f"attn_backend={attn_backend!r}; allowed: {', '.join(BRA_BACKENDS)}")
+        if not isinstance(pos_embed, bool):
+            raise ValueError(f"pos_embed={pos_embed!r}; allowed: true or false")
         depths, dims = per_stage(depths, "depths"), per_stage(embed_dims, "embed_dims")
         attn, topks, n_wins = per_stage(attn, "attn"), per_stage(topks, "topks"), per_stage(n_wins, "n_wins")
         num_heads, mlp_ratios = per_stage(num_heads, "num_heads"), per_stage(mlp_ratios, "mlp_ratios")
@@ -169,8 +192,14 @@ class BiFormer(nn.Module):
         lepe_source, scale_mode = per_stage(lepe_source, "lepe_source"), per_stage(scale_mode, "scale_mode")
         stripe_widths = per_stage(stripe_widths, "stripe_widths")
         for name, values, lo in (("depths", depths, 0), ("embed_dims", dims, 1)):
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= lo for v in values):
+            if not all(_is_int(v) and v >= lo for v in values):
                 raise ValueError(f"{name}={values}; allowed: integers >= {lo}")
+        if not all(v is None or (_is_int(v) and v >= 1) for v in num_heads):
+            raise ValueError(f"num_heads={num_heads}; allowed: integers >= 1, or null (width / head_dim)")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in mlp_ratios):
+            raise ValueError(f"mlp_ratios={mlp_ratios}; allowed: numbers > 0")
+        if not all(isinstance(v, bool) for v in qkv_bias):
+            raise ValueError(f"qkv_bias={qkv_bias}; allowed: true or false (per stage)")
         if not 0.0 <= drop_path_rate < 1.0 or not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_path_rate={drop_path_rate}, drop_rate={drop_rate}; allowed: [0, 1)")
         for name in attn:
@@ -242,6 +271,7 @@ class BiFormer(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        check_head(num_classes, self.global_pool if global_pool is None else global_pool)
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
@@ -253,15 +283,33 @@ class BiFormer(nn.Module):
             for j, block in enumerate(stage.blocks):
                 yield i, j, block.attn
 
-    def forward_intermediates(self, x: torch.Tensor, indices=None) -> List[torch.Tensor]:
-        """NCHW feature maps of the stages listed in `indices` (default all)."""
-        indices = range(4) if indices is None else indices
-        out, x = [], self.stem(x)
-        for i, stage in enumerate(self.stages):
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's convention: the NCHW outputs of the stages in `indices` (an int n = the last n stages,
+        or a list of stage numbers, negative from the end; default all), and unless intermediates_only
+        the final features. norm: apply the final norm to a last-stage intermediate."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r}; allowed: 'NCHW'")
+        take, last = feature_take_indices(len(self.stages), indices)
+        intermediates, x = [], self.stem(x)
+        stages = self.stages[:last + 1] if stop_early or intermediates_only else self.stages
+        for i, stage in enumerate(stages):
             x = stage(x)
-            if i in indices:
-                out.append(x)
-        return out
+            if i in take:
+                intermediates.append(self.norm(x) if norm and i == len(self.stages) - 1 else x)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
+        """Drop the stages after the last of `indices` (and the norm / head): timm's feature extraction."""
+        take, last = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.stages(self.stem(x)))
@@ -277,15 +325,23 @@ class BiFormer(nn.Module):
 
 
 # --- presets --------------------------------------------------------------------------------------
-def _cfg(**kwargs):
-    return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9,
-                interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                first_conv="stem.conv1", classifier="head", license="mit", **kwargs)
+def _cfg(stem: str = "overlap", img_size=224) -> dict:
+    """timm's pretrained_cfg for a model built with this stem and input size. input_size keeps 3 channels:
+    it describes the weights (RGB); timm adapts first_conv to another in_chans when loading them."""
+    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    return dict(url="", num_classes=1000, input_size=(3, h, w), pool_size=(h // 32, w // 32),
+                crop_pct=0.9, interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                first_conv="stem.conv1" if stem == "overlap" else "stem.conv", classifier="head", license="mit")
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:
-    pretrained_cfg = kwargs.pop("pretrained_cfg", None) or _cfg()
-    return build_model_with_cfg(BiFormer, variant, pretrained, pretrained_cfg=pretrained_cfg,
+    # the registered cfg, updated for what this model is built with (a user's img_size or stem)
+    img = kwargs.get("img_size", 224)
+    img = img if isinstance(img, int) or (isinstance(img, (tuple, list)) and len(img) == 2) else 224  # BiFormer
+    built = _cfg(kwargs.get("stem", "overlap"), img)  # reports a bad size itself
+    overlay = {k: built[k] for k in ("input_size", "pool_size", "first_conv")}
+    overlay.update(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    return build_model_with_cfg(BiFormer, variant, pretrained, pretrained_cfg_overlay=overlay,
                                 pretrained_filter_fn=checkpoint_filter_fn,
                                 feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), **kwargs)
 
@@ -320,6 +376,10 @@ PRESETS = {
                                n_wins=(4, 4, 2, 1), topks=(4, 4, 2, 1), attn=("bra", "bra", "bra", "full"),
                                stem="patch", pos_embed=False, img_size=64),
 }
+
+
+default_cfgs = generate_default_cfgs({name: _cfg(p.get("stem", "overlap"), p.get("img_size", 224))
+                                     for name, p in PRESETS.items()})  # read by register_model below
 
 
 def _entry(name: str):
