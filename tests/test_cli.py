@@ -6,6 +6,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import lightning
 import pytest
 import torch
 
@@ -174,7 +175,6 @@ def _bad_cases(root: Path):
         _png(root / "empty" / split / "b" / "0.png")
         (root / "empty" / split / "a").mkdir(parents=True, exist_ok=True)
     from biformer_lit.module import create_model
-    import lightning
     ten = create_model("biformer_cpu_tiny", 10, 32, 0.0).state_dict()
     torch.save({"model": ten}, root / "ten_classes.pth")
     (root / "random.ckpt").write_bytes(bytes(range(256)) * 20)
