@@ -93,6 +93,8 @@ class BiFormerCLI(LightningCLI):
         path = cfg.get("ckpt_path") if hasattr(cfg, "get") else None
         if path and os.path.isfile(path):
             check_resume_checkpoint(path, weights_only=cfg.get("weights_only") is not False)
+            if self.config.get("subcommand") in ("validate", "test", "predict"):
+                _warn_other_data(path, cfg.get("data"))
 
     def before_instantiate_classes(self) -> None:
         # `fit --ckpt_path last` finds last.ckpt in the checkpoint folder of *this* run's logger version;
@@ -150,6 +152,29 @@ def _with_allowed_kwargs(message: str) -> str:
             + f"; allowed: {', '.join(allowed)}")
 
 
+def _warn_other_data(path: str, data_cfg) -> None:
+    """Lightning restores the model's settings from a checkpoint, not the data's: evaluating at another
+    img_size or on other data than the run was trained on would pass silently."""
+    from .checkpoint import load_checkpoint_file
+    trained = load_checkpoint_file(path, mmap=True).get("datamodule_hyper_parameters") or {}
+    keys = ("dataset", "root", "img_size", "num_classes", "difficulty", "seed", "val_size")
+    now = data_cfg or {}
+    differ = [f"data.{k}={trained[k]!r} (now {now.get(k)!r})" for k in keys  # None now: derived from the data
+              if trained.get(k) is not None and now.get(k) is not None and trained[k] != now.get(k)]
+    if differ:
+        print(f"warning: {path} was trained with {', '.join(differ)}; pass those --data.* settings to evaluate "
+              f"on the data it was trained for", file=sys.stderr)
+
+
+def _message(e: Exception) -> str:
+    """The error's own message: one raised in a DataLoader worker arrives wrapped in the worker's traceback."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        text = re.sub(r"^[\w.]*Error: ", "", last)
+    return text
+
+
 def _maybe_ablation(argv: List[str]) -> Optional[int]:
     """A `fit` config with an `ablation:` section runs every arm (biformer_lit/ablation.py); None otherwise."""
     from .ablation import AblationError, maybe_run_ablation
@@ -191,7 +216,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 143
     except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_message(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -176,7 +176,8 @@ class ClassificationModule(L.LightningModule):
         problems = state_dict_mismatches(checkpoint.get("state_dict", {}), self.state_dict())
         if problems and self.strict_loading:
             raise CheckpointError(f"the checkpoint does not fit this model ({problems}): it was trained with "
-                                  f"another model, model_kwargs, class count or EMA setting; to start from "
+                                  f"another model, model_kwargs, class count (--data.num_classes / the data) "
+                                  f"or EMA setting; pass the settings it was trained with, or to start from "
                                   f"its weights use --model.init_from FILE (and --model.init_from_ignore_head "
                                   f"true for a new classifier)")
 
@@ -195,12 +196,18 @@ class ClassificationModule(L.LightningModule):
         scale = self.lr_scale()
         lr = hp.lr * scale
         opt = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=lr, betas=tuple(hp.betas), eps=hp.eps)
+        if not math.isfinite(trainer.estimated_stepping_batches):
+            raise MisconfigurationException("the warmup + cosine schedule needs a known length: with "
+                                            "max_epochs=-1 set max_steps (or a positive max_epochs)")
         total = max(1, int(trainer.estimated_stepping_batches))
         warmup = hp.warmup_steps
         if warmup is None:
             batches = trainer.num_training_batches  # known once estimated_stepping_batches has run
             per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else 0
             warmup = round(hp.warmup_epochs * per_epoch)
+        if warmup >= total:  # the clamp below would leave no decay at all: say so
+            rank_zero_warn(f"warmup ({warmup} steps) covers the whole run ({total} steps): the lr never decays "
+                           f"to min_lr; lower warmup_epochs / warmup_steps or train longer")
         warmup = max(0, min(int(warmup), total))
         rank_zero_info(f"lr {lr:.3g} = {hp.lr:g} x {scale:g} (global batch / {hp.base_batch_size}); "
                        f"min_lr {hp.min_lr * scale:.3g}; {warmup} warmup of {total} steps")
@@ -212,7 +219,7 @@ class ClassificationModule(L.LightningModule):
         x, y = batch
         self._n_last = x.size(0)
         if self.mixup_fn is not None and x.size(0) > 1:
-            if x.size(0) % 2:  # timm's Mixup pairs samples; only a last, odd batch without drop_last gets here
+            if x.size(0) % 2:  # timm's Mixup pairs samples: an odd batch drops its last image (warned at start)
                 x, y = x[:-1], y[:-1]
             x, target = self.mixup_fn(x, y)
             loss = self.train_loss(self(x).float(), target)
@@ -245,6 +252,10 @@ class ClassificationModule(L.LightningModule):
                 group["lr"] = base * factor(sched.last_epoch)
 
     def on_fit_start(self) -> None:
+        batch = getattr(self.trainer.datamodule, "batch_size", None) if self.trainer.datamodule else None
+        if self.mixup_fn is not None and batch is not None and batch % 2:
+            rank_zero_warn(f"batch_size={batch} is odd: Mixup/CutMix pair images, so every training batch drops "
+                           f"its last image; use an even batch size")
         if self.device.type == "cpu" and any(getattr(m, "backend", None) == "flex" for m in self.model.modules()):
             # it would fail at the first backward, after the model summary, with a traceback
             raise MisconfigurationException("attn_backend='flex' cannot train on the CPU (FlexAttention has no "

@@ -241,6 +241,28 @@ def test_bad_input_is_a_short_error(bad_runs, case):
     assert len(res.stderr.strip().splitlines()) <= 15, res.stderr  # the error, not pages of usage first
 
 
+def test_an_error_from_a_loader_worker_is_reported_by_its_own_message():
+    from biformer_lit.cli import _message
+    from biformer_lit.data import DataError
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                        "last):\n  File \"x.py\", line 1, in f\n    raise DataError(m)\n"
+                        "biformer_lit.data.DataError: cannot read image a/bad.png: truncated\n")
+    assert _message(wrapped) == "cannot read image a/bad.png: truncated"
+    assert _message(DataError("plain message")) == "plain message"
+
+
+def test_evaluating_a_checkpoint_on_other_data_settings_warns(tmp_path, capsys):
+    """Lightning restores a checkpoint's model settings, not its data settings: say when they differ."""
+    from biformer_lit.cli import _warn_other_data
+    path = tmp_path / "run.ckpt"
+    torch.save({"datamodule_hyper_parameters": {"img_size": 96, "num_classes": 4, "dataset": "synthetic"}}, path)
+    _warn_other_data(str(path), {"img_size": 64, "num_classes": None, "dataset": "synthetic"})
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {path} was trained with data.img_size=96 (now 64);") and "num_classes" not in err
+    _warn_other_data(str(path), {"img_size": 96, "num_classes": None, "dataset": "synthetic"})
+    assert capsys.readouterr().err == ""
+
+
 def test_top_level_help_names_every_command(tmp_path):
     out = cli(["--help"], tmp_path).stdout
     assert all(c in out for c in ("fit", "validate", "test", "predict", "cli.py report", "cli.py visualize"))

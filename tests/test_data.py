@@ -330,3 +330,38 @@ def test_config_fragments_construct(name):
     with open(path) as f:
         dm = ImageDataModule(**yaml.safe_load(f)["data"])
     assert dm.img_size == 224 and dm.hparams.rand_augment == "rand-m9-mstd0.5-inc1"
+
+
+def test_sixteen_bit_images_keep_their_contrast(tmp_path):
+    """PIL's convert("RGB") clips 16-bit greyscale: a scan spanning 0..65535 came out 99.8% white."""
+    import numpy as np
+    from biformer_lit.data.datasets import to_rgb
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "scan.png")
+    with Image.open(tmp_path / "scan.png") as im:
+        assert im.mode == "I;16"
+        rgb = np.asarray(to_rgb(im))
+    assert rgb.shape == (64, 64, 3) and abs(rgb.mean() - 127.5) < 2 and rgb.min() == 0 and rgb.max() == 255
+
+
+def test_a_symlink_loop_lists_each_image_once(tmp_path):
+    root = _image_folder(tmp_path)
+    (root / "train" / "a" / "sub").mkdir()
+    (root / "train" / "a" / "sub" / "loop").symlink_to(root / "train" / "a", target_is_directory=True)
+    ds = ImageFolderDataset(str(root), "train")
+    assert len(ds) == 6  # 3 per class, not the loop's dozens
+
+
+def test_one_class_and_a_failed_download_are_clean_errors(tmp_path, monkeypatch):
+    root = _image_folder(tmp_path, classes=("only",))
+    with pytest.raises(DataError, match=r"has one class folder \('only'\); classification needs at least 2"):
+        ImageDataModule("imagefolder", root=str(root)).num_classes
+    import urllib.error
+    import torchvision
+    from biformer_lit.data.datasets import cifar
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(DataError, match=r"downloading CIFAR-10 to .* failed .*Name or service not known"):
+        cifar("cifar10", str(tmp_path), train=True, download=True)

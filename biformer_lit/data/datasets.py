@@ -4,6 +4,7 @@ import os
 import warnings
 from typing import Callable, List, Optional, Tuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
@@ -36,6 +37,8 @@ def cifar(name: str, root: str, train: bool, transform: Optional[Callable] = Non
     except RuntimeError as err:  # torchvision's "Dataset not found or corrupted" (failed checksum)
         raise DataError(f"{label} under {root} is incomplete or corrupted ({err}); remove {folder}/ "
                         f"and put a fresh copy there or pass --data.download=true") from err
+    except OSError as err:  # urllib's URLError is an OSError: no network, proxy, disk full
+        raise DataError(f"downloading {label} to {root} failed ({err}); put {folder}/ there by hand") from err
 
 
 def class_folders(root: str, split: str) -> List[str]:
@@ -50,7 +53,34 @@ def class_folders(root: str, split: str) -> List[str]:
     classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"no class folders in {path}: expected {path}/<class>/*")
+    if len(classes) == 1:
+        raise DataError(f"{path} has one class folder ({classes[0]!r}); classification needs at least 2")
     return classes
+
+
+def image_files(folder: str) -> List[str]:
+    """Image files under folder, following folder symlinks but each real folder once (a symlink loop
+    would otherwise list a class's images dozens of times)."""
+    seen, out = set(), []
+    for d, subdirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:
+            subdirs[:] = []
+            continue
+        seen.add(real)
+        subdirs[:] = [s for s in subdirs if not s.startswith(".")]
+        out += [os.path.join(d, f) for f in files if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
+    return out
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with 16/32-bit greyscale scaled to 8 bits (PIL's convert clips them: 16-bit scans go white)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        peak = float(a.max()) if a.size else 0.0
+        top = 255.0 if peak <= 255 and not img.mode.startswith("I;16") else 65535.0 if peak <= 65535 else peak
+        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    return img.convert("RGB")
 
 
 class ImageFolderDataset(Dataset):
@@ -77,8 +107,7 @@ class ImageFolderDataset(Dataset):
         self.samples: List[Tuple[str, int]] = []
         for label, name in enumerate(found):
             folder = os.path.join(root, split, name)
-            files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder, followlinks=True)
-                           for f in fs if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."))
+            files = sorted(image_files(folder))
             if not files:
                 raise DataError(f"class folder {folder} has no images ({', '.join(IMG_EXTENSIONS)})")
             self.samples += [(f, label) for f in files]
@@ -97,7 +126,7 @@ class ImageFolderDataset(Dataset):
 
     def _load(self, path: str) -> Image.Image:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")  # convert() forces the decode, so errors surface here
+            return to_rgb(Image.open(f))  # converting forces the decode, so errors surface here
 
     def __getitem__(self, index: int):
         for k in range(len(self.samples)):
