@@ -510,6 +510,8 @@ def run(args) -> List[Path]:
     raw = torch.stack([load_image(p, size) for p in args.image])
     images = normalise(raw)
     layers = select_layers(net, args.stage, args.all_blocks)
+    if not layers:  # e.g. --model resnet18: nothing routes, nothing to draw
+        raise UsageError("the model has no attention layers to draw")
     records = record_layers(net, images, layers, keep_inputs=args.heat)
     if args.query:
         fitting = [r for r in records if set(args.query) <= set(nonempty_regions(r))]

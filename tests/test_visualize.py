@@ -136,6 +136,7 @@ def test_main_missing_files_is_a_clean_error(tmp_path, capsys):
     (["--stage", "1", "7"], "--stage 7: no such stage; allowed: 0, 1, 2, 3"),
     (["--image", "{tmp}/a/x.png", "{tmp}/b/x.png"], "two --image files named 'x'"),
     (["--weights", "{tmp}/w.pth"], "does not fit model BiFormer (missing: head.bias"),
+    (["--model", "resnet10t"], "the model has no attention layers to draw"),
 ])
 def test_main_bad_values_are_clean_errors(tmp_path, capsys, extra, message):
     """Each was accepted silently (drawing something else) or ended in a traceback."""
