@@ -157,8 +157,9 @@ class ClassificationModule(L.LightningModule):
         return self.model(x)
 
     def configure_callbacks(self):
+        from .callbacks import PredictionWriter
         from .reliability import EpochSeed, PreemptionCheckpoint
-        return [EpochSeed(), PreemptionCheckpoint()]
+        return [EpochSeed(), PreemptionCheckpoint(), PredictionWriter()]  # the writer acts in predict only
 
     # --- set-up --------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

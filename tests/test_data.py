@@ -332,6 +332,21 @@ def test_config_fragments_construct(name):
     assert dm.img_size == 224 and dm.hparams.rand_augment == "rand-m9-mstd0.5-inc1"
 
 
+def test_test_split_is_held_out_where_the_data_has_one(tmp_path):
+    dm = ImageDataModule("synthetic", img_size=64, batch_size=8, train_size=32, val_size=16, seed=0)
+    val, test = next(iter(dm.val_dataloader()))[0], next(iter(dm.test_dataloader()))[0]
+    assert len(dm.test_set) == 16 and not torch.equal(val, test)  # its own images, not the validation ones
+    root = _image_folder(tmp_path)
+    assert ImageDataModule("imagefolder", root=str(root), img_size=32, batch_size=2).test_dataloader().dataset.split \
+        == "val"  # no root/test: the validation split
+    (root / "test" / "a").mkdir(parents=True)
+    (root / "test" / "b").mkdir()
+    for c in "ab":
+        Image.new("RGB", (40, 40)).save(root / "test" / c / "0.png")
+    dm = ImageDataModule("imagefolder", root=str(root), img_size=32, batch_size=2)
+    assert dm.test_dataloader().dataset.split == "test" and len(dm.test_set) == 2
+
+
 def test_sixteen_bit_images_keep_their_contrast(tmp_path):
     """PIL's convert("RGB") clips 16-bit greyscale: a scan spanning 0..65535 came out 99.8% white."""
     import numpy as np

@@ -192,6 +192,13 @@ def test_ema_test_and_predict(tmp_path):
     probs = trainer(tmp_path, limit_predict_batches=1).predict(m, dm)[0]
     assert probs.shape == (8, dm.num_classes)
     torch.testing.assert_close(probs.sum(-1), torch.ones(8))
+    # and written down: LightningCLI's `predict` discards the returned tensors
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
+    labels = next(iter(dm.predict_dataloader()))[1].tolist()
+    assert [int(r["index"]) for r in rows] == list(range(8)) and [int(r["label"]) for r in rows] == labels
+    assert [int(r["predicted"]) for r in rows] == probs.argmax(-1).tolist()
+    assert [float(r["probability"]) for r in rows] == pytest.approx(probs.max(-1).values.tolist(), abs=1e-6)
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 Mixup/CutMix are applied by the LightningModule on batches, not here.
 """
+import os
 from typing import Optional
 
 import lightning as L
@@ -54,6 +55,7 @@ class ImageDataModule(L.LightningDataModule):
         self._num_classes: Optional[int] = None
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
+        self.test_set: Optional[Dataset] = None
         if num_classes is not None and dataset != "synthetic":
             _ = self.num_classes  # checks the given value against the data now, not at first use
 
@@ -104,20 +106,26 @@ class ImageDataModule(L.LightningDataModule):
             kw = dict(img_size=self.img_size, num_classes=n, difficulty=hp.difficulty,
                       train_size=hp.train_size, val_size=hp.val_size, seed=self.seed)
             self.train_set, self.val_set = SyntheticRelations("train", **kw), SyntheticRelations("val", **kw)
+            self.test_set = SyntheticRelations("test", **kw)  # val_size images of its own: held out
         elif self.dataset in CIFAR:
             # crop_pct 1: a 32 px image has no border to spare for the usual centre crop
             train_tf, val_tf = self._transforms(*CIFAR_STATS[self.dataset], crop_pct=1.0)
             self.train_set = cifar(self.dataset, self.root, True, train_tf, hp.download)
-            self.val_set = cifar(self.dataset, self.root, False, val_tf, hp.download)
+            self.val_set = self.test_set = cifar(self.dataset, self.root, False, val_tf, hp.download)
         else:
             train_tf, val_tf = self._transforms(*IMAGENET_STATS, crop_pct=None)
             self.train_set = ImageFolderDataset(self.root, "train", train_tf, hp.skip_corrupt)
             self.val_set = ImageFolderDataset(self.root, "val", val_tf, hp.skip_corrupt,
                                               classes=self.train_set.classes)
+            self.test_set = self.val_set
+            if os.path.isdir(os.path.join(self.root, "test")):  # a held-out split, when there is one
+                self.test_set = ImageFolderDataset(self.root, "test", val_tf, hp.skip_corrupt,
+                                                   classes=self.train_set.classes)
 
-    def _loader(self, train: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         self.setup()  # no-op once done; lets the loaders be used without a Trainer
-        ds = self.train_set if train else self.val_set
+        ds = dict(train=self.train_set, val=self.val_set, test=self.test_set)[split]
+        train = split == "train"
         sampler = None
         distributed = self.trainer is not None and self.trainer.world_size > 1
         world = self.trainer.world_size if distributed else 1
@@ -136,13 +144,15 @@ class ImageDataModule(L.LightningDataModule):
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(train=True)
+        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(train=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(train=False)
+        """synthetic: its own held-out split; imagefolder: root/test when it exists; else (and for CIFAR,
+        whose test set is the validation set here) the validation split."""
+        return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(train=False)
+        return self._loader("test")
