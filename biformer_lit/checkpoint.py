@@ -93,13 +93,14 @@ def load_checkpoint_file(path, weights_only: bool = True, mmap: bool = False) ->
         raise CheckpointError(unreadable + detail) from None
 
 
-def check_resume_checkpoint(path, weights_only: bool = True, instead: str = "--model.init_from FILE") -> None:
+def check_resume_checkpoint(path, weights_only: bool = True, instead: str = "--model.init_from FILE") -> dict:
     """`--ckpt_path FILE`: a Lightning training checkpoint, readable (CheckpointError otherwise);
-    `instead` names the option that takes a plain weights file."""
+    `instead` names the option that takes a plain weights file. Returns it, tensors memory-mapped."""
     ckpt = load_checkpoint_file(path, weights_only, mmap=True)  # Lightning reads it again right after
     if not isinstance(ckpt, dict) or "pytorch-lightning_version" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a Lightning training checkpoint (no training state); "
                               f"for a file of weights use {instead.replace('FILE', str(path))}")
+    return ckpt
 
 
 def state_dict_mismatches(sd: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor],

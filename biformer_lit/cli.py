@@ -92,10 +92,9 @@ class BiFormerCLI(LightningCLI):
         cfg = self.config.get(self.config.get("subcommand") or "", {})
         path = cfg.get("ckpt_path") if hasattr(cfg, "get") else None
         if path and os.path.isfile(path):
-            safe = cfg.get("weights_only") is not False
-            check_resume_checkpoint(path, weights_only=safe)
+            ckpt = check_resume_checkpoint(path, weights_only=cfg.get("weights_only") is not False)
             if self.config.get("subcommand") in ("validate", "test", "predict"):
-                _warn_other_data(path, cfg.get("data"), weights_only=safe)
+                _warn_other_data(path, ckpt.get("datamodule_hyper_parameters") or {}, cfg.get("data"))
 
     def before_instantiate_classes(self) -> None:
         # `fit --ckpt_path last` finds last.ckpt in the checkpoint folder of *this* run's logger version;
@@ -153,11 +152,10 @@ def _with_allowed_kwargs(message: str) -> str:
             + f"; allowed: {', '.join(allowed)}")
 
 
-def _warn_other_data(path: str, data_cfg, weights_only: bool = True) -> None:
+def _warn_other_data(path: str, trained: dict, data_cfg) -> None:
     """Lightning restores the model's settings from a checkpoint, not the data's: evaluating at another
-    img_size or on other data than the run was trained on would pass silently."""
-    from .checkpoint import load_checkpoint_file
-    trained = load_checkpoint_file(path, weights_only, mmap=True).get("datamodule_hyper_parameters") or {}
+    img_size or on other data than the run was trained on would pass silently. trained: the checkpoint's
+    datamodule hyperparameters."""
     keys = ("dataset", "root", "img_size", "num_classes", "difficulty", "seed", "val_size")
     now = data_cfg or {}
     differ = [f"data.{k}={trained[k]!r} (now {now.get(k)!r})" for k in keys  # None now: derived from the data

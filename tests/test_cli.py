@@ -255,11 +255,11 @@ def test_evaluating_a_checkpoint_on_other_data_settings_warns(tmp_path, capsys):
     """Lightning restores a checkpoint's model settings, not its data settings: say when they differ."""
     from biformer_lit.cli import _warn_other_data
     path = tmp_path / "run.ckpt"
-    torch.save({"datamodule_hyper_parameters": {"img_size": 96, "num_classes": 4, "dataset": "synthetic"}}, path)
-    _warn_other_data(str(path), {"img_size": 64, "num_classes": None, "dataset": "synthetic"})
+    trained = {"img_size": 96, "num_classes": 4, "dataset": "synthetic"}
+    _warn_other_data(str(path), trained, {"img_size": 64, "num_classes": None, "dataset": "synthetic"})
     err = capsys.readouterr().err
     assert err.startswith(f"warning: {path} was trained with data.img_size=96 (now 64);") and "num_classes" not in err
-    _warn_other_data(str(path), {"img_size": 96, "num_classes": None, "dataset": "synthetic"})
+    _warn_other_data(str(path), trained, {"img_size": 96, "num_classes": None, "dataset": "synthetic"})
     assert capsys.readouterr().err == ""
 
 
