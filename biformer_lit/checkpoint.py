@@ -147,10 +147,11 @@ def _listing(keys, n: int = 4) -> str:
 
 
 def load_init_weights(model: nn.Module, path: str, ignore_head: bool = False,
-                      hint: str = "check --model.model and --model.model_kwargs") -> None:
-    """Initialise `model` from `path` (see read_state_dict); every mismatch is a CheckpointError
-    (`hint` ends the message for parameters that do not fit)."""
-    sd = read_state_dict(path)
+                      hint: str = "check --model.model and --model.model_kwargs",
+                      sd: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Initialise `model` from `path` (see read_state_dict; `sd`: its state dict when already read);
+    every mismatch is a CheckpointError (`hint` ends the message for parameters that do not fit)."""
+    sd = read_state_dict(path) if sd is None else sd
     from .models import BiFormer, convert_state_dict  # local: keeps this module light to import
     if isinstance(model, BiFormer):  # the load pre-hook would rename too; the checks below need our names
         sd = convert_state_dict(sd)

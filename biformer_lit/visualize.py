@@ -426,7 +426,7 @@ def load_weights_model(name: str, weights: Optional[Path]) -> nn.Module:
         raise UsageError(str(e)) from None
     if sd is not None:
         try:
-            load_init_weights(model, str(weights), hint=f"check that they are weights of {name}")
+            load_init_weights(model, str(weights), hint=f"check that they are weights of {name}", sd=sd)
         except CheckpointError as e:
             raise UsageError(str(e)) from None
     return model
