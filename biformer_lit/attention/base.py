@@ -14,6 +14,11 @@ SCALE_MODES = ("head", "dim")
 LEPE_SOURCES = ("v", "input")
 
 
+def is_int(value) -> bool:
+    """A plain integer: bool is an int subclass, but True is not a size."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class TokenMixer(nn.Module):
     """Shared projections + LePE around a pattern-specific `mix`.
 
@@ -40,7 +45,7 @@ class TokenMixer(nn.Module):
         for name, value, lo in (("dim", dim, 1), ("num_heads", num_heads, 1), ("n_win", n_win, 1),
                                 ("topk", topk, None), ("lepe_kernel", lepe_kernel, 0),  # bra checks topk's range
                                 ("stripe_width", 1 if stripe_width is None else stripe_width, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or (lo is not None and value < lo):
+            if not is_int(value) or (lo is not None and value < lo):
                 raise ValueError(f"{name}={value!r}; allowed: an integer" + (f" >= {lo}" if lo is not None else ""))
         if dim % num_heads:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")

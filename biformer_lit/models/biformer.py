@@ -18,6 +18,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..attention import create_attention
+from ..attention.base import is_int
 from ..attention.bra import BACKENDS as BRA_BACKENDS
 from ..attention.registry import check_attention_name
 from .convert import checkpoint_filter_fn, convert_on_load
@@ -25,12 +26,8 @@ from .convert import checkpoint_filter_fn, convert_on_load
 STEMS = ("overlap", "patch")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def check_head(num_classes, global_pool: str) -> None:
-    if not _is_int(num_classes) or num_classes < 0:
+    if not is_int(num_classes) or num_classes < 0:
         raise ValueError(f"num_classes={num_classes!r}; allowed: an integer >= 0 (0 = no classifier)")
     if global_pool not in ("avg", ""):
         raise ValueError(f"global_pool={global_pool!r}; allowed: 'avg' or '' (no pooling)")
@@ -176,7 +173,7 @@ class BiFormer(nn.Module):
             raise ValueError(f"stem={stem!r}; allowed: {', '.join(STEMS)}")
         check_head(num_classes, global_pool)
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if len(self.img_size) != 2 or not all(_is_int(v) and v >= 1 for v in self.img_size) \
+        if len(self.img_size) != 2 or not all(is_int(v) and v >= 1 for v in self.img_size) \
                 or min(min(hw) for hw in stage_sizes(self.img_size, stem)) < 1:
             least = next(n for n in range(1, 1024) if min(min(hw) for hw in stage_sizes((n, n), stem)) >= 1)
             raise ValueError(f"img_size={img_size!r}; allowed: a size, or (height, width), of at least {least} px "
@@ -192,9 +189,9 @@ class BiFormer(nn.Module):
         lepe_source, scale_mode = per_stage(lepe_source, "lepe_source"), per_stage(scale_mode, "scale_mode")
         stripe_widths = per_stage(stripe_widths, "stripe_widths")
         for name, values, lo in (("depths", depths, 0), ("embed_dims", dims, 1)):
-            if not all(_is_int(v) and v >= lo for v in values):
+            if not all(is_int(v) and v >= lo for v in values):
                 raise ValueError(f"{name}={values}; allowed: integers >= {lo}")
-        if not all(v is None or (_is_int(v) and v >= 1) for v in num_heads):
+        if not all(v is None or (is_int(v) and v >= 1) for v in num_heads):
             raise ValueError(f"num_heads={num_heads}; allowed: integers >= 1, or null (width / head_dim)")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in mlp_ratios):
             raise ValueError(f"mlp_ratios={mlp_ratios}; allowed: numbers > 0")
