@@ -177,10 +177,14 @@ def layer_cases(device, dtypes, quick):
 MODELS = ["biformer_tiny", "biformer_tiny[original algorithm]", "biformer_stl", "swin_tiny_patch4_window7_224"]
 
 
+def model_names(device) -> list:
+    return MODELS + (["biformer_tiny[flex]"] if device == "cuda" else [])  # FlexAttention trains on CUDA only
+
+
 def model_cases(device, dtypes, quick, compile_, only=None):
     reps = 2 if quick else 3
     batch = 8 if device == "cpu" else 64
-    names = MODELS + (["biformer_tiny[flex]"] if device == "cuda" else [])
+    names = model_names(device)
     for dtype in dtypes:
         for name in names if only is None else [n for n in names if n in only]:
             yield dict(device=device, dtype=dtype, model=name, batch=batch, repeats=reps)
@@ -214,8 +218,8 @@ def main():
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtypes = args.dtypes.split(",") if args.dtypes else ["fp32", "bf16"] if device == "cuda" else ["fp32"]
     only_models = args.models.split(",") if args.models else None
-    known = MODELS + (["biformer_tiny[flex]"] if device == "cuda" else [])
-    for flag, given, allowed in (("--dtypes", dtypes, ["fp32", "bf16"]), ("--models", only_models or [], known)):
+    for flag, given, allowed in (("--dtypes", dtypes, ["fp32", "bf16"]),
+                                 ("--models", only_models or [], model_names(device))):
         for bad in [g for g in given if g not in allowed]:
             ap.error(f"{flag}: unknown {bad!r} on {device}; allowed: {', '.join(allowed)}")
     info = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
