@@ -67,6 +67,47 @@ def test_bra_flex_compiled_kernel_matches_oracle_on_cpu(size, n_win, topk):
         torch.testing.assert_close(m(x), reference_forward(m, x), rtol=1e-4, atol=1e-5)
 
 
+def bf16_against_fp32_oracle(m, x, compiled_flex=False):
+    """Run `m` under CPU bf16 autocast; return (output, oracle) where the fp32 oracle uses the routing
+    the bf16 run chose (region affinities from bf16 q/k may order near-ties differently)."""
+    from biformer_lit.attention import bra_flex
+    eager = bra_flex.flex_routed_attention
+    m.capture = True
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.MonkeyPatch.context() as mp:
+        if compiled_flex:
+            mp.setattr(bra_flex, "flex_routed_attention", lambda *a, **kw: eager(*a, **kw, compiled=True))
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    index = m.captured["index"] if m.kind == "bra" else None
+    return y.float(), reference_forward(m, x, index)
+
+
+@pytest.mark.parametrize("kind,backend", [("bra", "indexed"), ("bra", "masked"), ("bra", "gather"),
+                                          ("window", "auto"), ("shifted_window", "auto"), ("axial", "auto"),
+                                          ("dilated", "auto"), ("full", "auto")])
+@pytest.mark.parametrize("size,n_win,topk", [((28, 28), 7, 4), ((30, 26), 7, 8)])
+def test_bf16_autocast_matches_fp32_oracle(kind, backend, size, n_win, topk):
+    """Mixed precision (the GPU training dtype, here on CPU): forward and input/weight gradients within
+    bf16 rounding of the fp32 oracle, padded maps included."""
+    m = create_attention(kind, 64, 2, n_win=n_win, topk=topk, backend=backend)
+    x = torch.randn(2, *size, 64, requires_grad=True)
+    y, r = bf16_against_fp32_oracle(m, x)
+    torch.testing.assert_close(y, r, rtol=2e-2, atol=2e-2)
+    g = torch.randn_like(r)
+    params = [x, m.qkv.weight, m.proj.weight, m.lepe.weight]
+    for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(r, params, g)):
+        assert (a - b).norm() <= 2e-2 * b.norm(), float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_bra_flex_bf16_forward_matches_oracle(compiled):
+    """FlexAttention in bf16 (forward: no CPU backward), eager path and the compiled block-sparse kernel."""
+    m = create_attention("bra", 64, 2, n_win=7, topk=4, backend="flex")
+    with torch.no_grad():
+        y, r = bf16_against_fp32_oracle(m, torch.randn(2, 30, 26, 64), compiled_flex=compiled)
+    torch.testing.assert_close(y, r, rtol=2e-2, atol=2e-2)
+
+
 def test_flex_block_mask_lists_routed_regions_full_or_partial():
     """Routed regions without padding are full blocks (no mask evaluated), those with padding partial;
     together they are exactly the routing."""

@@ -93,11 +93,13 @@ def dense_attention(q, k, v, allowed, num_heads, scale):
     return (logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
 
 
-def pattern_for(module, q, k, h, w):
-    """The allowed mask of `module`'s variant, broadcastable to (B, heads, N, N)."""
+def pattern_for(module, q, k, h, w, index=None):
+    """The allowed mask of `module`'s variant, broadcastable to (B, heads, N, N). For 'bra', `index`
+    (B, R, topk) replaces the oracle's own routing (to compare at a precision where ties may flip)."""
     kind = module.kind
     if kind == "bra":
-        index = bra_routing(q, k, h, w, module.n_win, module.topk)
+        if index is None:
+            index = bra_routing(q, k, h, w, module.n_win, module.topk)
         return bra_pattern(index, h, w, module.n_win)[:, None]
     if kind == "axial":
         return axial_pattern(h, w, module.n_win, module.num_heads, module.stripe_width)[None].to(q.device)
@@ -107,12 +109,13 @@ def pattern_for(module, q, k, h, w):
             "dilated": dilated_pattern}[kind](h, w, module.n_win).to(q.device)
 
 
-def reference_forward(module, x):
-    """The whole TokenMixer computed densely with `module`'s weights. x: (B, H, W, C) -> (B, H, W, C)."""
+def reference_forward(module, x, index=None):
+    """The whole TokenMixer computed densely with `module`'s weights. x: (B, H, W, C) -> (B, H, W, C).
+    index: optional routing for 'bra' (see pattern_for)."""
     b, h, w, c = x.shape
     qkv = F.linear(x, module.qkv.weight, module.qkv.bias).reshape(b, h * w, 3 * c)
     q, k, v = qkv.chunk(3, dim=-1)
-    allowed = pattern_for(module, q.detach(), k.detach(), h, w)
+    allowed = pattern_for(module, q.detach(), k.detach(), h, w, index)
     out = dense_attention(q, k, v, allowed, module.num_heads, module.scale).reshape(b, h, w, c)
     if module.lepe is not None:
         src = v.reshape(b, h, w, c) if module.lepe_source == "v" else x
