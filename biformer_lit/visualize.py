@@ -260,6 +260,8 @@ def to_display(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.
 def _grid_lines(rec: LayerRecord, axis: int) -> List[int]:
     """Token indices where cells start along one axis (excluding 0), for the kinds that have cells."""
     size, cell = rec.size[axis], rec.cell[axis]
+    if rec.kind == "axial" and rec.stripe_width:  # stripes of a set width, not the region edge
+        cell = min(rec.stripe_width, size)
     if rec.kind in ("bra", "window", "axial"):
         return list(range(cell, size, cell))
     if rec.kind == "shifted_window":  # windows displaced by half a window (reference pattern)

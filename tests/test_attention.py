@@ -204,6 +204,17 @@ def test_same_parameters_for_every_variant():
     assert len(set(counts.values())) == 1, counts
 
 
+def test_region_means_do_not_overflow_in_fp16():
+    """Padded regions are averaged by sum / count: in fp16 the sum of 441 tokens of 200 overflows (inf
+    affinities, routing picks wrong) though the mean fits."""
+    from biformer_lit.attention.routing import region_means
+    valid = torch.ones(4, 441, dtype=torch.bool)
+    valid[1, 400:] = False
+    means, nonempty = region_means(torch.full((1, 4, 441, 8), 200.0, dtype=torch.half), valid)
+    assert means.dtype == torch.half and nonempty.all()
+    torch.testing.assert_close(means, torch.full((1, 4, 8), 200.0, dtype=torch.half))
+
+
 def test_routing_reference_picks_most_related_regions():
     """The oracle's routing itself: a key region made to match every query wins the top-1."""
     h = w = 8

@@ -40,6 +40,17 @@ def test_any_input_size(name, size):
         assert m(torch.randn(1, 3, *size)).shape == (1, 7)
 
 
+def test_patch_stem_input_too_small_is_a_clear_error():
+    """The patch stem's unpadded convs need 32 px per side: say so, not a conv kernel-size error."""
+    m = timm.create_model("biformer_cpu_tiny", num_classes=3).eval()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"input of 100x20 px; the patch stem needs at least 32 px per side"):
+            m(torch.randn(1, 3, 100, 20))
+        assert m(torch.randn(1, 3, 32, 33)).shape == (1, 3)
+        assert timm.create_model("biformer_cpu_tiny", num_classes=3, stem="overlap").eval()(
+            torch.randn(1, 3, 5, 3)).shape == (1, 3)  # the padded overlap stem takes any size
+
+
 def test_timm_conventions():
     m = timm.create_model("biformer_cpu_tiny", num_classes=3)
     x = torch.randn(2, 3, 64, 64)

@@ -76,6 +76,15 @@ def test_crafted_routing_is_captured_and_drawn_exactly():
     assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3 and arr.std() > 0
 
 
+def test_grid_lines_follow_the_cells_attention_used():
+    """Axial stripes of a set width are drawn at that width, not at the region edge."""
+    x = torch.randn(1, 12, 12, 16)
+    rec = V.record_layers(create_attention("axial", 16, 2, n_win=3, stripe_width=2), x)[0]
+    assert V._grid_lines(rec, 0) == V._grid_lines(rec, 1) == [2, 4, 6, 8, 10]
+    rec = V.record_layers(create_attention("axial", 16, 2, n_win=3), x)[0]
+    assert V._grid_lines(rec, 0) == [4, 8]
+
+
 @pytest.mark.parametrize("kind", ["bra", "window", "shifted_window", "axial", "dilated", "full"])
 def test_attention_weights_reproduce_the_layer_output(kind):
     # weights @ values must give the layer's own mixing output at that token (7x8: padded regions too)

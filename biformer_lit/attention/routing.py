@@ -16,8 +16,9 @@ def region_means(x: torch.Tensor, valid: Optional[torch.Tensor]) -> Tuple[torch.
     if valid is None:
         return x.mean(dim=2), None
     count = valid.sum(-1)  # (R,)
-    s = (x * valid[None, :, :, None]).sum(dim=2)
-    return s / count.clamp(min=1)[None, :, None].to(x.dtype), count > 0
+    # summed in at least fp32: an fp16 region sum overflows (to inf: routing picks wrong) long before the mean
+    s = (x * valid[None, :, :, None]).sum(dim=2, dtype=torch.promote_types(x.dtype, torch.float32))
+    return (s / count.clamp(min=1)[None, :, None]).to(x.dtype), count > 0
 
 
 def route(q_regions: torch.Tensor, k_regions: torch.Tensor, topk: int,

@@ -63,6 +63,14 @@ def stage_sizes(img_size: Tuple[int, int], stem: str) -> List[Tuple[int, int]]:
     return sizes
 
 
+def min_img_size(stem: str) -> int:
+    """The smallest side that leaves every stage at least one token (1 for the padded overlap stem)."""
+    return next(n for n in range(1, 1024) if min(min(hw) for hw in stage_sizes((n, n), stem)) >= 1)
+
+
+PATCH_MIN_SIZE = min_img_size("patch")
+
+
 def block_kind(stage_kind: str, j: int) -> str:
     """A 'shifted_window' stage alternates plain and shifted windows, block by block, as Swin does."""
     return "window" if stage_kind == "shifted_window" and j % 2 == 0 else stage_kind
@@ -123,6 +131,9 @@ class Stem(nn.Module):
     def forward(self, x):
         if self.kind == "overlap":
             return self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
+        if min(x.shape[-2:]) < PATCH_MIN_SIZE:  # unpadded 4x4/4 then 2x2/2 convs: else a conv error deep inside
+            raise ValueError(f"input of {x.shape[-2]}x{x.shape[-1]} px; the patch stem needs at least "
+                             f"{PATCH_MIN_SIZE} px per side (four stages)")
         return self.norm(self.conv(x))
 
 
@@ -175,8 +186,8 @@ class BiFormer(nn.Module):
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if len(self.img_size) != 2 or not all(is_int(v) and v >= 1 for v in self.img_size) \
                 or min(min(hw) for hw in stage_sizes(self.img_size, stem)) < 1:
-            least = next(n for n in range(1, 1024) if min(min(hw) for hw in stage_sizes((n, n), stem)) >= 1)
-            raise ValueError(f"img_size={img_size!r}; allowed: a size, or (height, width), of at least {least} px "
+            raise ValueError(f"img_size={img_size!r}; allowed: a size, or (height, width), of at least "
+                             f"{min_img_size(stem)} px "
                              f"(four stages after the {stem} stem)")
         if attn_backend not in BRA_BACKENDS:
             raise ValueError(f"attn_backend={attn_backend!r}; allowed: {', '.join(BRA_BACKENDS)}")
