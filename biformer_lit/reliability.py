@@ -43,10 +43,32 @@ def last_checkpoint_path(trainer) -> str:
     return os.path.join(folder, "last.ckpt")
 
 
+def rewind_validation(checkpoint: dict) -> None:
+    """Make a checkpoint saved part-way through fit's validation resume *before* it. Lightning resumes
+    such a file as "validation done" (the training batches are complete), so that epoch's val/top1 and
+    best checkpoint would never exist; one batch started and none processed reads as an evaluation to
+    restart, and with nothing processed it restarts at the first validation batch."""
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
+    before = progress["total"]["completed"] - progress["current"]["completed"]  # batches of earlier epochs
+    progress["total"] = dict(ready=before + 1, started=before + 1, processed=before, completed=before)
+    progress["current"] = dict(ready=1, started=1, processed=0, completed=0)
+    progress["is_last_batch"] = False
+
+
 class PreemptionCheckpoint(L.Callback):
+    _mid_validation = False
+
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
             path = last_checkpoint_path(trainer)
-            trainer.save_checkpoint(path)  # collective in DDP: every rank is here
+            self._mid_validation = trainer.validating and not trainer.sanity_checking
+            try:
+                trainer.save_checkpoint(path)  # collective in DDP: every rank is here
+            finally:
+                self._mid_validation = False
             rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; "
                            f"run the same command with --ckpt_path last to continue")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if self._mid_validation:
+            rewind_validation(checkpoint)

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -110,3 +111,49 @@ def test_diverging_run_exits_cleanly_and_keeps_the_last_good_checkpoint(tmp_path
     if last_ckpt(tmp_path).exists():  # diverged after an epoch end: that checkpoint is finite
         state = torch.load(last_ckpt(tmp_path), weights_only=True)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+class _Validations(L.Callback):
+    """Records every (epoch, step, val/top1, batches) of fit's validation; SIGTERMs the process at one
+    validation batch when `term_at` = (epoch, batch) is given."""
+
+    def __init__(self, seen: list, term_at=None):
+        self.seen, self.term_at = seen, term_at
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking and (trainer.current_epoch, batch_idx) == self.term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            done = trainer.fit_loop.epoch_loop.val_loop.batch_progress.current.completed
+            self.seen.append((trainer.current_epoch, trainer.global_step, float(trainer.callback_metrics["val/top1"]), done))
+
+
+def test_sigterm_during_validation_resumes_into_that_validation(tmp_path, monkeypatch):
+    """A pre-emption while fit validates: the resumed run validates that epoch again from its first batch
+    (Lightning alone resumes such a checkpoint as validated, so the epoch's val/top1 and best-checkpoint
+    candidate never existed)."""
+    from biformer_lit.cli import main
+    from biformer_lit.module import ClassificationModule
+    run = ["fit", "--model.model", "biformer_cpu_tiny", "--data.img_size", "64", "--data.batch_size", "8",
+           "--data.train_size", "32", "--data.val_size", "32", "--trainer.max_epochs", "2",
+           "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
+           "--trainer.enable_model_summary", "false", "--seed_everything", "3"]
+    original = ClassificationModule.configure_callbacks
+
+    def fit(folder, extra_callback, *args):
+        monkeypatch.chdir(folder)
+        monkeypatch.setattr(ClassificationModule, "configure_callbacks", lambda m: original(m) + [extra_callback])
+        return main(run + list(args))
+
+    clean = []
+    (tmp_path / "clean").mkdir(), (tmp_path / "cut").mkdir()
+    assert fit(tmp_path / "clean", _Validations(clean)) == 0
+    cut = []
+    assert fit(tmp_path / "cut", _Validations(cut, term_at=(0, 1))) == 143
+    assert cut == []  # stopped inside epoch 0's validation
+    assert fit(tmp_path / "cut", _Validations(cut), "--ckpt_path", "last") == 0
+    assert cut == clean and [e for e, *_ in cut] == [0, 1] and all(n == 4 for *_, n in cut)
+    assert sorted(p.name for p in (tmp_path / "cut").glob("runs/default/version_0/checkpoints/*.ckpt")) == \
+        sorted(p.name for p in (tmp_path / "clean").glob("runs/default/version_0/checkpoints/*.ckpt"))
