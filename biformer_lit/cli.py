@@ -100,6 +100,14 @@ class BiFormerCLI(LightningCLI):
         # `fit --ckpt_path last` finds last.ckpt in the checkpoint folder of *this* run's logger version;
         # a new TensorBoard version would have none. Continue the latest version that has one instead.
         cfg = self.config.get(self.subcommand) if self.subcommand else None
+        if cfg is not None and cfg.get("ckpt_path") is None:
+            from .reliability import foreign_hpc_checkpoints
+            root = cfg.trainer.get("default_root_dir")
+            found = foreign_hpc_checkpoints(root)
+            if found:
+                raise ConfigError(f"{found[-1]} in {root or os.getcwd()}: under SLURM Lightning would silently "
+                                  "resume this run from it (runs here save last.ckpt instead). Resume with "
+                                  "--ckpt_path last or a file, or move the hpc_ckpt files away")
         if self.subcommand != "fit" or cfg.get("ckpt_path") != "last" or cfg.last_checkpoint.get("dirpath"):
             return
         logger = cfg.trainer.get("logger")

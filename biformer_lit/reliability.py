@@ -8,14 +8,21 @@
   Lightning stops after the current batch; this writes last.ckpt first, so the same command with
   `--ckpt_path last` (or a requeued SLURM job) continues. SIGKILL can't be caught: the run resumes
   from the last epoch-end last.ckpt, which is written atomically (biformer_lit.checkpoint).
+  Under SLURM the time-limit warning (`#SBATCH --signal=SIGUSR1@120`) does the same, then requeues
+  the job. This replaces Lightning's auto-requeue, whose hpc_ckpt_N.ckpt in the working directory any
+  later run there without --ckpt_path (another experiment, another ablation arm, a `validate`) would
+  silently resume from.
 - Non-finite loss stops the run in ClassificationModule.training_step before the optimizer step.
 """
 import os
 import random
+import signal
+import subprocess
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -55,8 +62,31 @@ def rewind_validation(checkpoint: dict) -> None:
     progress["is_last_batch"] = False
 
 
+def slurm_job_id() -> str:
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+
+
 class PreemptionCheckpoint(L.Callback):
     _mid_validation = False
+    _requeue = False
+    _previous_sigusr1 = None
+
+    def setup(self, trainer, pl_module, stage):
+        # installed before Lightning registers its handlers, which then leaves SIGUSR1 to this one
+        if stage == "fit" and SLURMEnvironment.detect():
+            self._requeue = False
+            self._previous_sigusr1 = signal.signal(signal.SIGUSR1, self._on_requeue_signal)
+
+    def teardown(self, trainer, pl_module, stage):
+        if self._previous_sigusr1 is not None:
+            signal.signal(signal.SIGUSR1, self._previous_sigusr1)
+            self._previous_sigusr1 = None
+
+    def _on_requeue_signal(self, signum, frame):
+        if not self._requeue:  # SLURM may signal every process of the step: act once
+            self._requeue = True
+            signal.raise_signal(signal.SIGTERM)  # stop after the batch in flight, as a pre-emption
 
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
@@ -68,6 +98,22 @@ class PreemptionCheckpoint(L.Callback):
                 self._mid_validation = False
             rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; "
                            f"run the same command with --ckpt_path last to continue")
+            if self._requeue and trainer.is_global_zero:  # after the save: requeueing ends this job
+                job = slurm_job_id()
+                try:
+                    code = subprocess.call(["scontrol", "requeue", job])
+                except OSError as e:  # no scontrol on this node
+                    code = e
+                rank_zero_info(f"SLURM job {job} requeued" if code == 0 else
+                               f"`scontrol requeue {job}` failed ({code}): resubmit the job to continue")
+
+
+def foreign_hpc_checkpoints(default_root_dir) -> list:
+    """hpc_ckpt_*.ckpt files Lightning would resume a SLURM run from when no --ckpt_path is given."""
+    folder = default_root_dir or os.getcwd()
+    if not SLURMEnvironment.detect() or not os.path.isdir(folder):
+        return []
+    return sorted(f for f in os.listdir(folder) if f.startswith("hpc_ckpt_") and f.endswith(".ckpt"))
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         if self._mid_validation:

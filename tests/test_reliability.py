@@ -157,3 +157,48 @@ def test_sigterm_during_validation_resumes_into_that_validation(tmp_path, monkey
     assert cut == clean and [e for e, *_ in cut] == [0, 1] and all(n == 4 for *_, n in cut)
     assert sorted(p.name for p in (tmp_path / "cut").glob("runs/default/version_0/checkpoints/*.ckpt")) == \
         sorted(p.name for p in (tmp_path / "clean").glob("runs/default/version_0/checkpoints/*.ckpt"))
+
+
+SLURM_ENV = dict(SLURM_NTASKS="1", SLURM_JOB_NAME="biformer_t", SLURM_JOB_ID="4242", SLURM_PROCID="0",
+                 SLURM_LOCALID="0", SLURM_NODEID="0")
+
+
+def test_foreign_hpc_checkpoint_is_refused_under_slurm(tmp_path, monkeypatch, capsys):
+    """Lightning resumes any hpc_ckpt_N.ckpt in the working directory when no --ckpt_path is given under
+    SLURM, whichever run wrote it: a fresh run says so instead of silently continuing another one."""
+    from biformer_lit.cli import main
+    monkeypatch.chdir(tmp_path)
+    for k, v in SLURM_ENV.items():
+        monkeypatch.setenv(k, v)
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"another run's state")
+    assert main(["fit", "--model.model", "biformer_cpu_tiny", "--data.img_size", "64", "--trainer.max_epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: hpc_ckpt_1.ckpt in " in err and "would silently resume" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_slurm_time_limit_signal_saves_requeues_and_leaves_no_hpc_file(uninterrupted, tmp_path):
+    """SIGUSR1 (`#SBATCH --signal=SIGUSR1@120`): last.ckpt at the batch in flight, `scontrol requeue JOB`,
+    exit 143, no hpc_ckpt file for a later run to pick up; the requeued command finishes the run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.log\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore", PATH=f"{bin_dir}:{os.environ['PATH']}",
+               **SLURM_ENV)
+    cmd = [sys.executable, str(REPO / "cli.py"), *RUN, "--ckpt_path", "last"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not last_ckpt(tmp_path).exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    epoch_end = torch.load(last_ckpt(tmp_path), weights_only=True)["global_step"]
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert torch.load(last_ckpt(tmp_path), weights_only=True)["global_step"] > epoch_end
+    assert not list(tmp_path.rglob("hpc_ckpt_*"))
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert final_state(tmp_path)["step"] == uninterrupted["step"]
