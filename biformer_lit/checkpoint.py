@@ -4,7 +4,8 @@ AtomicCheckpointIO: Lightning writes `last.ckpt` in place; a kill (SLURM pre-emp
 Ctrl-C) during the write leaves a truncated file that `--ckpt_path last` then fails to load. Here
 the checkpoint goes to a temporary file in the same directory (same filesystem, so the rename is
 atomic), is fsynced, and replaces the old file with os.replace: a reader sees the old or the new
-checkpoint, never half of one.
+checkpoint, never half of one. A temp file left by a killed write is removed at the next write of that
+checkpoint; a full or read-only disk is an OSError naming the checkpoint (the previous one is kept).
 
 Loading uses weights_only=True: our checkpoints hold only tensors and plain Python types (hyper-
 parameters are plain: strings, numbers, lists, dicts; the LR schedule is a closure, which LambdaLR
@@ -13,6 +14,7 @@ unpickler reads them and a checkpoint from elsewhere cannot run code on load. A 
 hold other objects (e.g. hyperparameters of a custom class) fails to load with a message naming the
 type; for a file you trust, `--weights_only false` (a Trainer.fit/validate argument) loads it anyway.
 """
+import glob
 import os
 import pickle
 import re
@@ -23,6 +25,8 @@ from typing import Any, Dict, Optional, Set
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
+
+from .errors import storage_oserror
 
 __all__ = ["AtomicCheckpointIO", "CheckpointError", "load_checkpoint_file", "check_resume_checkpoint",
            "state_dict_mismatches", "read_state_dict", "load_init_weights"]
@@ -41,6 +45,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
+        for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(os.path.basename(path))}.*.tmp")):
+            os.unlink(stale)  # a full-size leftover of a write that was killed
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         try:
             umask = os.umask(0)
@@ -51,9 +57,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())  # data on disk before the rename makes it visible
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+            full = storage_oserror(e)  # name the checkpoint (the OSError names none, or torch hides it)
+            if full is not None:
+                kept = " (the previous checkpoint is kept)" if os.path.exists(path) else ""
+                raise OSError(full.errno, f"{full.strerror}{kept}", path) from e
             raise
         try:  # make the rename itself durable (the directory entry); not possible on every OS/filesystem
             dir_fd = os.open(folder, os.O_RDONLY)

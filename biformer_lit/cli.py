@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .checkpoint import CheckpointError, check_resume_checkpoint
+from .errors import storage_error
 from .module import ClassificationModule, NonFiniteLossError
 
 TRAINER_DEFAULTS = {
@@ -224,6 +225,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 143
     except _user_errors() as e:
         print(f"error: {_message(e)}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as e:
+        message = storage_error(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from statistics import mean, stdev
 
+from .errors import storage_error
+
 EVENT_GLOB = "events.out.tfevents.*"
 DASH = "—"
 _SEED_DIR = re.compile(r"^seed_(\d+)$")
@@ -375,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
         path, table, unfinished = _write_report(args.ablation_dir, args.out)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if storage_error(e) is None:
+            raise
+        print(f"error: {storage_error(e)} (write the report elsewhere with --out DIR)", file=sys.stderr)
         return 2
     print(table, end="")
     if unfinished:

@@ -25,6 +25,7 @@ from matplotlib.patches import Rectangle
 
 from .attention import reference as ref
 from .attention.base import TokenMixer
+from .errors import storage_error
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -514,7 +515,10 @@ def run(args) -> List[Path]:
     layers = select_layers(net, args.stage, args.all_blocks)
     if not layers:  # e.g. --model resnet18: nothing routes, nothing to draw
         raise UsageError("the model has no attention layers to draw")
-    records = record_layers(net, images, layers, keep_inputs=args.heat)
+    try:
+        records = record_layers(net, images, layers, keep_inputs=args.heat)
+    except ValueError as e:  # the model's own check of the input, e.g. below its stem's minimum size
+        raise UsageError(f"--img_size {size}: {e}") from e
     if args.query:
         fitting = [r for r in records if set(args.query) <= set(nonempty_regions(r))]
         if not fitting:
@@ -549,6 +553,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         paths = run(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if storage_error(e) is None:
+            raise
+        print(f"error: {storage_error(e)} (write the pictures elsewhere with --out DIR)", file=sys.stderr)
         return 2
     for p in paths:
         print(p)

@@ -1,6 +1,7 @@
 """The command line: resume, DDP, bf16, init from released checkpoints, and bad input -> `error:` + exit 2."""
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -239,6 +240,18 @@ def test_bad_input_is_a_short_error(bad_runs, case):
     assert expected in res.stderr
     assert "Traceback" not in res.stderr, res.stderr[-2000:]
     assert len(res.stderr.strip().splitlines()) <= 15, res.stderr  # the error, not pages of usage first
+
+
+def test_a_full_disk_is_a_short_error(monkeypatch, tmp_path, capsys):
+    """Writing last.ckpt fails with ENOSPC (the temp file goes to /dev/full): one `error:` line naming the
+    file, exit 2, no traceback."""
+    from test_module import write_to_full_disk
+    monkeypatch.chdir(tmp_path)
+    write_to_full_disk(monkeypatch)
+    assert main(["fit", *SMALL, "--trainer.max_epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: cannot write \S*/checkpoints/\S*\.ckpt: No space left on device", err)
+    assert "Traceback" not in err
 
 
 def test_an_error_from_a_loader_worker_is_reported_by_its_own_message():

@@ -283,6 +283,29 @@ def test_atomic_save_replaces_whole_files_and_loads_safely(tmp_path, monkeypatch
         io.load_checkpoint(path)
 
 
+def write_to_full_disk(monkeypatch):
+    """The checkpoint's temp file writes to /dev/full: every write fails with ENOSPC, as on a full disk."""
+    real = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: (os.close(fd), real(os.open("/dev/full", os.O_WRONLY), mode))[1])
+
+
+def test_atomic_save_on_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+    (tmp_path / ".last.ckpt.k1ll3d.tmp").write_bytes(b"x" * 1000)  # left by a killed write: removed next time
+    (tmp_path / ".best-0.ckpt.k1ll3d.tmp").write_bytes(b"x")  # another file's: only its own writes remove it
+    with monkeypatch.context() as m:
+        write_to_full_disk(m)
+        with pytest.raises(OSError, match="No space left on device") as info:
+            io.save_checkpoint({"step": 2, "w": torch.ones(100_000)}, path)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert "previous checkpoint is kept" in str(info.value)
+    assert io.load_checkpoint(path)["step"] == 1
+    assert sorted(os.listdir(tmp_path)) == [".best-0.ckpt.k1ll3d.tmp", "last.ckpt"]
+
+
 def test_skipped_corrupt_images_are_reported_each_epoch(tmp_path):
     from test_data import _image_folder
     from biformer_lit.data import ImageDataModule

@@ -168,3 +168,13 @@ def test_cli_errors(tmp_path, capsys, case, message):
     err = captured.err.strip()
     assert err.startswith("error:") and "\n" not in err and message in err, err
     assert not (target / "report.md").exists()
+
+
+def test_unwritable_output_is_a_short_error(ablation, tmp_path, capsys, monkeypatch):
+    def denied(runs, path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(report, "plot_curves", denied)
+    assert report.main([str(ablation), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot write " in err and "val_top1_curves.png: Permission denied (write the report elsewhere with --out DIR)" in err

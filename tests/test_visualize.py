@@ -139,6 +139,7 @@ def test_main_missing_files_is_a_clean_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra,message", [
     (["--img_size", "0"], "--img_size 0; allowed: a positive size in pixels"),
+    (["--img_size", "17"], "--img_size 17: input of 17x17 px; the patch stem needs at least 32 px per side"),
     (["--query", "99"], "--query 99: no drawn layer has these regions (row-major ids; stage 0: 0..15"),
     (["--query_point", "1.5", "-2"], "--query_point 1.5 -2.0; allowed: fractions in [0, 1]"),
     (["--out", "{tmp}/afile"], "is a file; allowed: a folder"),
@@ -161,6 +162,16 @@ def test_main_bad_values_are_clean_errors(tmp_path, capsys, extra, message):
     rc = V.main(args + extra)
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_main_unwritable_output_is_a_clean_error(monkeypatch, capsys):
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "out/a_stage0_block0_bra.png")
+
+    monkeypatch.setattr(V, "run", denied)
+    assert V.main(["--model", "biformer_cpu_tiny", "--image", "a.png", "--out", "out"]) == 2
+    assert capsys.readouterr().err == ("error: cannot write out/a_stage0_block0_bra.png: Permission denied "
+                                       "(write the pictures elsewhere with --out DIR)\n")
 
 
 @pytest.mark.parametrize("source", ["--ckpt_path", "--weights"])

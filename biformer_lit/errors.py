@@ -1,0 +1,26 @@
+"""Failures of the storage under a run (read-only or full disk, no permission): the environment, not a
+bug, so the commands report them as one `error:` line instead of a traceback."""
+import errno
+from typing import Optional
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def storage_oserror(e: BaseException) -> Optional[OSError]:
+    """The storage failure behind `e`: `e` itself or an error it was raised from (torch.save wraps the
+    OSError of a full disk in a RuntimeError); None for anything else."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def storage_error(e: BaseException) -> Optional[str]:
+    """A one-line message if `e` is a storage failure (see storage_oserror), else None."""
+    found = storage_oserror(e)
+    if found is None:
+        return None
+    return f"cannot write {found.filename}: {found.strerror}" if found.filename else str(found.strerror or found)
