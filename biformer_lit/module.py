@@ -99,7 +99,7 @@ class ClassificationModule(L.LightningModule):
     """Image classification with a timm-registered model.
 
     Args:
-        model: timm model name (BiFormer presets: biformer_tiny/small/base/stl, biformer_cpu_tiny/small).
+        model: timm model name (BiFormer presets: biformer_tiny/small/base/stl, biformer_cpu_tiny/small/stl).
         model_kwargs: extra arguments to timm.create_model (e.g. depths, embed_dims, n_wins, topks).
         num_classes, img_size: linked from the data module by the CLI; don't set them by hand there.
         lr, min_lr: AdamW base / final lr for a global batch of `base_batch_size`; the run uses

@@ -19,7 +19,7 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Train/val loaders for `dataset`; test and predict use the val split.
+    """Train/val/test loaders for `dataset`; predict uses the test split.
 
     `num_classes` is known before setup() (LightningCLI links it to the model at instantiation):
     chosen for synthetic (default 4), fixed for CIFAR, the number of class folders of root/train for
