@@ -98,31 +98,13 @@ class BiFormerCLI(LightningCLI):
                 _warn_other_data(path, ckpt.get("datamodule_hyper_parameters") or {}, cfg.get("data"))
 
     def before_instantiate_classes(self) -> None:
-        # `fit --ckpt_path last` finds last.ckpt in the checkpoint folder of *this* run's logger version;
-        # a new TensorBoard version would have none. Continue the latest version that has one instead.
         cfg = self.config.get(self.subcommand) if self.subcommand else None
-        if cfg is not None and cfg.get("ckpt_path") is None:
-            from .reliability import foreign_hpc_checkpoints
-            root = cfg.trainer.get("default_root_dir")
-            found = foreign_hpc_checkpoints(root)
-            if found:
-                raise ConfigError(f"{found[-1]} in {root or os.getcwd()}: under SLURM Lightning would silently "
-                                  "resume this run from it (runs here save last.ckpt instead). Resume with "
-                                  "--ckpt_path last or a file, or move the hpc_ckpt files away")
-        if self.subcommand != "fit" or cfg.get("ckpt_path") != "last" or cfg.last_checkpoint.get("dirpath"):
+        if cfg is None:
             return
-        logger = cfg.trainer.get("logger")
-        if not hasattr(logger, "get") or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
-            return
-        args = logger.init_args
-        if args.get("version") is not None:
-            return
-        folder = os.path.join(args.save_dir, args.get("name") or "")
-        versions = [int(m.group(1)) for d in (os.listdir(folder) if os.path.isdir(folder) else [])
-                    if (m := re.fullmatch(r"version_(\d+)", d))
-                    and os.path.isfile(os.path.join(folder, d, "checkpoints", "last.ckpt"))]
-        if versions:
-            args.version = max(versions)
+        if cfg.get("ckpt_path") is None:
+            _refuse_foreign_hpc_checkpoints(cfg.trainer.get("default_root_dir"))
+        elif self.subcommand == "fit" and not cfg.last_checkpoint.get("dirpath"):
+            _continue_logger_version(cfg.trainer.get("logger"), cfg.ckpt_path)
 
     def instantiate_classes(self) -> None:
         try:
@@ -159,6 +141,40 @@ def _with_allowed_kwargs(message: str) -> str:
     close = difflib.get_close_matches(found.group(1), allowed, n=1)
     return (f"model_kwargs: BiFormer takes no {found.group(1)!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
             + f"; allowed: {', '.join(allowed)}")
+
+
+def _refuse_foreign_hpc_checkpoints(default_root_dir) -> None:
+    from .reliability import foreign_hpc_checkpoints
+    found = foreign_hpc_checkpoints(default_root_dir)
+    if found:
+        raise ConfigError(f"{found[-1]} in {default_root_dir or os.getcwd()}: under SLURM Lightning would silently "
+                          "resume this run from it (runs here save last.ckpt instead). Resume with "
+                          "--ckpt_path last or a file, or move the hpc_ckpt files away")
+
+
+def _continue_logger_version(logger, ckpt_path: str) -> None:
+    """`fit --ckpt_path` continues in the TensorBoard version the checkpoint belongs to: a new version
+    would split the curves in two and restart the best-checkpoint tracking (and, for `last`, hold no
+    last.ckpt to find). `last`: the latest version that has one; a file in <save_dir>/<name>/version_N/
+    checkpoints/: version N."""
+    if not hasattr(logger, "get") or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+        return
+    args = logger.init_args
+    if args.get("version") is not None:
+        return
+    folder = os.path.join(args.save_dir, args.get("name") or "")
+    if ckpt_path == "last":
+        versions = [int(m.group(1)) for d in (os.listdir(folder) if os.path.isdir(folder) else [])
+                    if (m := re.fullmatch(r"version_(\d+)", d))
+                    and os.path.isfile(os.path.join(folder, d, "checkpoints", "last.ckpt"))]
+        if versions:
+            args.version = max(versions)
+        return
+    checkpoints = os.path.dirname(os.path.abspath(ckpt_path))
+    version = os.path.dirname(checkpoints)
+    m = re.fullmatch(r"version_(\d+)", os.path.basename(version))
+    if m and os.path.basename(checkpoints) == "checkpoints" and os.path.dirname(version) == os.path.abspath(folder):
+        args.version = int(m.group(1))
 
 
 def _warn_other_data(path: str, trained: dict, data_cfg) -> None:

@@ -107,6 +107,10 @@ class PreemptionCheckpoint(L.Callback):
                 rank_zero_info(f"SLURM job {job} requeued" if code == 0 else
                                f"`scontrol requeue {job}` failed ({code}): resubmit the job to continue")
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if self._mid_validation:
+            rewind_validation(checkpoint)
+
 
 def foreign_hpc_checkpoints(default_root_dir) -> list:
     """hpc_ckpt_*.ckpt files Lightning would resume a SLURM run from when no --ckpt_path is given."""
@@ -114,7 +118,3 @@ def foreign_hpc_checkpoints(default_root_dir) -> list:
     if not SLURMEnvironment.detect() or not os.path.isdir(folder):
         return []
     return sorted(f for f in os.listdir(folder) if f.startswith("hpc_ckpt_") and f.endswith(".ckpt"))
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        if self._mid_validation:
-            rewind_validation(checkpoint)

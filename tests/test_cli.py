@@ -88,6 +88,10 @@ def test_resume_from_last_continues_global_step(monkeypatch, tmp_path):
     assert not (run.parent / "version_1").exists()  # same run folder, so TensorBoard shows one curve
     steps = [s for s, _ in scalars(run)["train/loss"]]
     assert max(steps) == 7 and sorted(set(steps)) == list(range(8))
+    # a checkpoint named by its path (here, relative) continues in its own version folder too
+    assert main(["fit", *SMALL, "--trainer.max_epochs", "3", "--ckpt_path",
+                 "runs/default/version_0/checkpoints/last.ckpt"]) == 0
+    assert torch.load(last, weights_only=True)["global_step"] == 12 and not (run.parent / "version_1").exists()
 
 
 @pytest.mark.slow
