@@ -118,11 +118,13 @@ def run_model(case):
         torch.cuda.reset_peak_memory_stats()
     t_train = timed(train_step, dev, case["repeats"])
     peak = peak_memory_mb(torch.device(dev))
+    r = dict(train_img_s=b / t_train, peak_mb=peak, base_mb=base,
+             params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+    print(json.dumps(r), flush=True)  # the training numbers survive a crash or time-out in the inference part
     model.eval()
-    infer()
+    infer()  # eval + no_grad: a compiled model recompiles here
     t_inf = timed(infer, dev, case["repeats"])
-    return dict(train_img_s=b / t_train, infer_img_s=b / t_inf, peak_mb=peak, base_mb=base,
-                params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+    return dict(r, infer_img_s=b / t_inf)
 
 
 def in_process(case) -> dict:
@@ -133,7 +135,10 @@ def in_process(case) -> dict:
         return dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
     finally:
         gc.collect()
-        torch.cuda.empty_cache()
+        try:  # after a kernel fault the CUDA context is broken: this raises too, and must not hide the row
+            torch.cuda.empty_cache()
+        except Exception:
+            pass
 
 
 def in_subprocess(case) -> dict:
@@ -146,13 +151,24 @@ def in_subprocess(case) -> dict:
     return r
 
 
+def _last_json(stdout) -> dict:
+    lines = (stdout.decode(errors="replace") if isinstance(stdout, bytes) else stdout or "").strip().splitlines()
+    return json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+
+
 def _subprocess(case, **env) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore", **env))
+    cmd = [sys.executable, __file__, "--case", json.dumps(case)]
+    try:  # a case time limit keeps this driver alive to record the case and go on to the next
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CASE_TIMEOUT_S,
+                              env=dict(os.environ, PYTHONWARNINGS="ignore", **env))
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return dict(_last_json(e.stdout), error=f"timed out after {CASE_TIMEOUT_S:.0f} s",
+                    stderr_tail="\n".join(err.strip().splitlines()[-40:]))
     if proc.returncode:
         lines = proc.stderr.strip().splitlines() or ["failed"]
-        return dict(error=lines[-1][:120], stderr_tail="\n".join(lines[-40:]))
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return dict(_last_json(proc.stdout), error=lines[-1][:120], stderr_tail="\n".join(lines[-40:]))
+    return _last_json(proc.stdout)
 
 
 # --- the driver --------------------------------------------------------------------------------------
@@ -174,6 +190,7 @@ def layer_cases(device, dtypes, quick):
                            kind="bra", backend=be, repeats=reps, shape=f"{name} topk={topk}", label=f"bra[{be}]")
 
 
+CASE_TIMEOUT_S = None  # --case_timeout: seconds per model case (subprocess), None = no limit
 MODELS = ["biformer_tiny", "biformer_tiny[original algorithm]", "biformer_stl", "swin_tiny_patch4_window7_224"]
 
 
@@ -208,8 +225,11 @@ def main():
     ap.add_argument("--dtypes", default=None, help="comma-separated, run in the given order: fp32, bf16 "
                                                    "(default: fp32 on CPU, fp32,bf16 on CUDA)")
     ap.add_argument("--json", default=None, help="output file (default benchmarks/results/<device>.json)")
+    ap.add_argument("--case_timeout", type=float, default=None, help="seconds per model case (default: none)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global CASE_TIMEOUT_S
+    CASE_TIMEOUT_S = args.case_timeout
     if args.case:
         case = json.loads(args.case)
         torch.manual_seed(0)
