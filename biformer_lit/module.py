@@ -68,6 +68,8 @@ def check_recipe(**settings) -> None:
         ok, allowed = RECIPE_RANGES[name]
         if not ok(value):
             raise ValueError(f"{name}={value!r}; allowed: {allowed}")
+    if settings.get("min_lr", 0) > settings.get("lr", float("inf")):  # the "decay" would raise the lr
+        raise ValueError(f"min_lr={settings['min_lr']!r} is above lr={settings['lr']!r}; allowed: min_lr <= lr")
 
 
 def param_groups(model: nn.Module, weight_decay: float):
@@ -245,12 +247,20 @@ class ClassificationModule(L.LightningModule):
             self.ema.update(self.model)  # constant decay from the initial weights, as DeiT's ModelEma
 
     def on_train_start(self) -> None:
-        # Resumed with another schedule length (say more epochs): the restored optimizer holds the old
-        # schedule's lr until the scheduler's first step; set the new schedule's lr for this step now.
+        # Resumed: the scheduler's base lr and the optimizer's lr come from the checkpoint. Re-aim them at
+        # this run's settings: the base lr for this run's global batch (another batch size changes it), and
+        # the new schedule's lr for this step (another length, say more epochs, changes it).
         sched = self.lr_schedulers()
-        if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
-            for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-                group["lr"] = base * factor(sched.last_epoch)
+        if not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+            return
+        base = self.hparams.lr * self.lr_scale()
+        if any(not math.isclose(b, base) for b in sched.base_lrs):
+            rank_zero_warn(f"resumed with another global batch: base lr {sched.base_lrs[0]:.3g} -> {base:.3g}; "
+                           f"the schedule's length counts every epoch at the new batch size")
+        sched.base_lrs = [base] * len(sched.base_lrs)
+        for group, factor in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * factor(sched.last_epoch)
 
     def on_fit_start(self) -> None:
         batch = getattr(self.trainer.datamodule, "batch_size", None) if self.trainer.datamodule else None

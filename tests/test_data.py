@@ -359,6 +359,13 @@ def test_sixteen_bit_images_keep_their_contrast(tmp_path):
     assert rgb.shape == (64, 64, 3) and abs(rgb.mean() - 127.5) < 2 and rgb.min() == 0 and rgb.max() == 255
 
 
+def test_float_images_in_unit_range_are_not_black():
+    import numpy as np
+    from biformer_lit.data.datasets import to_rgb
+    rgb = np.asarray(to_rgb(Image.fromarray(np.full((8, 8), 0.8, dtype=np.float32), mode="F")))
+    assert rgb.shape == (8, 8, 3) and (rgb == 204).all()
+
+
 def test_a_symlink_loop_lists_each_image_once(tmp_path):
     root = _image_folder(tmp_path)
     (root / "train" / "a" / "sub").mkdir()

@@ -75,6 +75,7 @@ def test_img_size_only_for_models_that_take_it():
     (dict(ema_decay=2.0), r"ema_decay=2.0; allowed: \(0, 1\)"), (dict(mixup_prob=1.2), r"mixup_prob=1.2"),
     (dict(betas=(0.9, 1.0)), r"betas=\(0.9, 1.0\); allowed: two values in \[0, 1\)"),
     (dict(warmup_steps=-3), r"warmup_steps=-3; allowed: >= 0"), (dict(weight_decay=-0.1), r"weight_decay=-0.1"),
+    (dict(lr=1e-4, min_lr=1e-3), r"min_lr=0.001 is above lr=0.0001; allowed: min_lr <= lr"),
 ])
 def test_recipe_settings_out_of_range_are_rejected_before_training(kwargs, match):
     """Each used to fail mid-run (AdamW, the loss, drop path) with a traceback, or (EMA) train silently."""
@@ -103,6 +104,14 @@ def test_resuming_with_more_epochs_uses_the_new_schedule_from_the_first_step(tmp
     step, lr = spy.seen[0]
     assert step == 4
     assert lr == pytest.approx(1e-3 * warmup_cosine(0, 12, 1e-2)(4))  # 12 steps now, not the old 4
+
+    # resumed with another global batch: the lr is scaled for the new batch (it kept the old base lr)
+    spy, dm16 = FirstLr(), data(batch_size=16)  # 2 batches per epoch: 6 steps in 3 epochs
+    scaled = dict(kw, scale_lr=True, base_batch_size=8)
+    again = trainer(tmp_path, max_steps=-1, max_epochs=3, limit_val_batches=0, callbacks=[spy])
+    with pytest.warns(UserWarning, match=r"resumed with another global batch: base lr 0.001 -> 0.002"):
+        again.fit(module(dm16, **scaled), datamodule=dm16, ckpt_path=str(ckpt))
+    assert spy.seen[0][1] == pytest.approx(2e-3 * warmup_cosine(0, 6, 1e-2)(4))
 
 
 def test_schedule_problems_are_said_not_silent(tmp_path):
@@ -318,3 +327,15 @@ def test_skipped_corrupt_images_are_reported_each_epoch(tmp_path):
     with pytest.warns(UserWarning, match=r"epoch 0: 1 unreadable image\(s\) skipped") as record:
         trainer.fit(module, datamodule=dm)
     assert any("epoch 1: 1 unreadable image(s) skipped (--data.skip_corrupt; 2 so far)" in str(w.message) for w in record)
+
+
+def test_best_top5_is_that_of_the_best_top1_validation():
+    """best/val_top5 is the top-5 of the validation that gave the best top-1 (the kept checkpoint, as the
+    report reads it), not the highest top-5 of any validation."""
+    from types import SimpleNamespace
+    from biformer_lit.callbacks.run_stats import RunStats
+    stats = RunStats()
+    for top1, top5 in [(50.0, 70.0), (40.0, 90.0), (50.0, 95.0)]:  # a tie does not replace the first best
+        stats.on_validation_end(SimpleNamespace(sanity_checking=False, callback_metrics={
+            "val/top1": torch.tensor(top1), "val/top5": torch.tensor(top5)}), None)
+    assert stats.best == {"val/top1": 50.0, "val/top5": 70.0}

@@ -71,10 +71,9 @@ class RunStats(L.Callback):
         if trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
-        for tag in ("val/top1", "val/top5"):
-            if tag in metrics:
-                v = float(metrics[tag])
-                self.best[tag] = max(self.best.get(tag, float("-inf")), v)
+        # the best top-1 and the top-5 of that same validation (the checkpoint `best-*` keeps), as the report
+        if "val/top1" in metrics and float(metrics["val/top1"]) > self.best.get("val/top1", float("-inf")):
+            self.best = {tag: float(metrics[tag]) for tag in ("val/top1", "val/top5") if tag in metrics}
 
     def summary(self, pl_module) -> dict:
         out = {"model/params_m": sum(p.numel() for p in pl_module.model.parameters()) / 1e6,

@@ -74,11 +74,15 @@ def image_files(folder: str) -> List[str]:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, with 16/32-bit greyscale scaled to 8 bits (PIL's convert clips them: 16-bit scans go white)."""
+    """RGB, with 16/32-bit greyscale scaled to 8 bits (PIL's convert clips them: 16-bit scans go white;
+    float images in [0, 1] would go black)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
         peak = float(a.max()) if a.size else 0.0
-        top = 255.0 if peak <= 255 and not img.mode.startswith("I;16") else 65535.0 if peak <= 65535 else peak
+        if img.mode == "F" and peak <= 1.0:  # float images in [0, 1]
+            top = 1.0
+        else:
+            top = 255.0 if peak <= 255 and not img.mode.startswith("I;16") else 65535.0 if peak <= 65535 else peak
         img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
     return img.convert("RGB")
 
