@@ -20,7 +20,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from . import models as _models  # noqa: F401  (registers the BiFormer models with timm)
@@ -150,6 +150,9 @@ class ClassificationModule(L.LightningModule):
         self.metrics = nn.ModuleDict({stage: MetricCollection({"top1": acc(1), "top5": acc(top_k)},
                                                               compute_groups=False)
                                       for stage in ("val", "val_ema", "test")})
+        # the mean loss over every image of the split (a mean of per-process means would weigh the
+        # images of the smaller DDP shard more)
+        self.eval_loss = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
         self._t_last: Optional[float] = None
         self._n_last = 0
         self._initialised = False
@@ -195,26 +198,13 @@ class ClassificationModule(L.LightningModule):
         return batch * self.trainer.world_size * self.trainer.accumulate_grad_batches / self.hparams.base_batch_size
 
     def configure_optimizers(self):
-        hp, trainer = self.hparams, self.trainer
-        scale = self.lr_scale()
-        lr = hp.lr * scale
-        opt = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=lr, betas=tuple(hp.betas), eps=hp.eps)
-        if not math.isfinite(trainer.estimated_stepping_batches):
-            raise MisconfigurationException("the warmup + cosine schedule needs a known length: with "
-                                            "max_epochs=-1 set max_steps (or a positive max_epochs)")
-        total = max(1, int(trainer.estimated_stepping_batches))
-        warmup = hp.warmup_steps
-        if warmup is None:
-            batches = trainer.num_training_batches  # known once estimated_stepping_batches has run
-            per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else 0
-            warmup = round(hp.warmup_epochs * per_epoch)
-        if warmup >= total:  # the clamp below would leave no decay at all: say so
-            rank_zero_warn(f"warmup ({warmup} steps) covers the whole run ({total} steps): the lr never decays "
-                           f"to min_lr; lower warmup_epochs / warmup_steps or train longer")
-        warmup = max(0, min(int(warmup), total))
-        rank_zero_info(f"lr {lr:.3g} = {hp.lr:g} x {scale:g} (global batch / {hp.base_batch_size}); "
-                       f"min_lr {hp.min_lr * scale:.3g}; {warmup} warmup of {total} steps")
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total, hp.min_lr / hp.lr))
+        hp = self.hparams
+        opt = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr * self.lr_scale(),
+                                betas=tuple(hp.betas), eps=hp.eps)
+        # The schedule's length is set in on_train_start. Here, before a resumed run's state is restored,
+        # asking for it (trainer.estimated_stepping_batches) would start the training loader's workers
+        # at epoch 0's order, which they would then serve as the resumed epoch's first batches.
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
         return dict(optimizer=opt, lr_scheduler=dict(scheduler=sched, interval="step"))
 
     # --- training ------------------------------------------------------------------------------------
@@ -247,17 +237,35 @@ class ClassificationModule(L.LightningModule):
             self.ema.update(self.model)  # constant decay from the initial weights, as DeiT's ModelEma
 
     def on_train_start(self) -> None:
-        # Resumed: the scheduler's base lr and the optimizer's lr come from the checkpoint. Re-aim them at
-        # this run's settings: the base lr for this run's global batch (another batch size changes it), and
-        # the new schedule's lr for this step (another length, say more epochs, changes it).
+        # After a resumed run's state is restored (it holds the scheduler's step): aim the schedule and the
+        # lr of this step at this run's settings. The lr scales with this run's global batch, the length
+        # is this run's (another batch size or more epochs than the checkpoint's run change them).
+        hp, trainer = self.hparams, self.trainer
         sched = self.lr_schedulers()
         if not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
             return
-        base = self.hparams.lr * self.lr_scale()
-        if any(not math.isclose(b, base) for b in sched.base_lrs):
+        if not math.isfinite(trainer.estimated_stepping_batches):
+            raise MisconfigurationException("the warmup + cosine schedule needs a known length: with "
+                                            "max_epochs=-1 set max_steps (or a positive max_epochs)")
+        total = max(1, int(trainer.estimated_stepping_batches))
+        warmup = hp.warmup_steps
+        if warmup is None:
+            batches = trainer.num_training_batches
+            per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else 0
+            warmup = round(hp.warmup_epochs * per_epoch)
+        if warmup >= total:  # the clamp below would leave no decay at all: say so
+            rank_zero_warn(f"warmup ({warmup} steps) covers the whole run ({total} steps): the lr never decays "
+                           f"to min_lr; lower warmup_epochs / warmup_steps or train longer")
+        warmup = max(0, min(int(warmup), total))
+        scale = self.lr_scale()
+        base = hp.lr * scale
+        if sched.last_epoch > 0 and any(not math.isclose(b, base) for b in sched.base_lrs):
             rank_zero_warn(f"resumed with another global batch: base lr {sched.base_lrs[0]:.3g} -> {base:.3g}; "
                            f"the schedule's length counts every epoch at the new batch size")
+        rank_zero_info(f"lr {base:.3g} = {hp.lr:g} x {scale:g} (global batch / {hp.base_batch_size}); "
+                       f"min_lr {hp.min_lr * scale:.3g}; {warmup} warmup of {total} steps")
         sched.base_lrs = [base] * len(sched.base_lrs)
+        sched.lr_lambdas = [warmup_cosine(warmup, total, hp.min_lr / hp.lr)] * len(sched.base_lrs)
         for group, factor in zip(sched.optimizer.param_groups, sched.lr_lambdas):
             group["initial_lr"] = base
             group["lr"] = base * factor(sched.last_epoch)
@@ -297,17 +305,19 @@ class ClassificationModule(L.LightningModule):
     def _eval_step(self, batch, stage: str) -> None:
         x, y = batch
         logits = self(x).float()
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_step=False, on_epoch=True, sync_dist=True,
-                 batch_size=y.size(0))
+        self.eval_loss[stage].update(F.cross_entropy(logits, y, reduction="none"))
         self.metrics[stage].update(logits, y)
         if stage == "val" and self.ema is not None:
             self.metrics["val_ema"].update(self.ema.module(x).float(), y)
 
     def _log_accuracy(self, stage: str) -> None:
-        # compute() gathers the states of all processes, so this is the accuracy over the whole set
+        # compute() gathers the states of all processes, so these are over the whole set
         for name, value in self.metrics[stage].compute().items():
             self.log(f"{stage}/{name}", value * 100.0, sync_dist=True)
         self.metrics[stage].reset()
+        if stage in self.eval_loss:
+            self.log(f"{stage}/loss", self.eval_loss[stage].compute(), sync_dist=True)
+            self.eval_loss[stage].reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -3,7 +3,7 @@
 - EpochSeed: every training epoch reseeds python/numpy/torch from (seed, epoch, rank). An epoch's
   randomness (drop path, Mixup/CutMix, augmentation) then does not depend on what ran before it,
   so a run resumed from an epoch-end checkpoint continues exactly as the uninterrupted run would
-  (the data order is a function of (seed, epoch) too: see data.datamodule.EpochShuffleSampler).
+  (the data order and augmentation are functions of (seed, epoch) too: see data.sampler).
 - PreemptionCheckpoint: on SIGTERM (what SLURM sends before preemption or at the time limit),
   Lightning stops after the current batch; this writes last.ckpt first, so the same command with
   `--ckpt_path last` (or a requeued SLURM job) continues. SIGKILL can't be caught: the run resumes

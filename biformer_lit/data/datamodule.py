@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import DataError
 from .datasets import CIFAR, CIFAR_STATS, ImageFolderDataset, cifar, class_folders
-from .sampler import EpochShuffleSampler
+from .sampler import EpochSeededDataset, EpochShuffleSampler, EvalShardSampler
 from .synthetic import DEFAULT_NUM_CLASSES, SyntheticRelations, check_settings
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
@@ -133,15 +133,20 @@ class ImageDataModule(L.LightningDataModule):
             per = f" per process ({len(ds)} over {world})" if world > 1 else ""
             raise DataError(f"batch_size={self.batch_size} is larger than the {len(ds) // world} training "
                             f"images{per}: no full batch; use batch_size <= {len(ds) // world}")
-        if train and not distributed:
-            # the order of epoch e is a function of (seed, e) alone: a resumed run sees the same batches
-            # (under DDP, Lightning's DistributedSampler does the same with its own set_epoch)
-            sampler = EpochShuffleSampler(len(ds), self.seed)
-        # worker seeds come from this generator: same seed -> same augmentation draws
-        gen = torch.Generator().manual_seed(self.seed) if train else None
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, shuffle=train and distributed,
-                          drop_last=train, generator=gen, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        rank = self.trainer.global_rank if distributed else 0
+        if train:
+            # the order of epoch e is a function of (seed, e) alone: a resumed run sees the same batches.
+            # Its epoch is set here too: Lightning starts the loader, whose workers draw the first indices
+            # at once, before its own set_epoch (so a resumed run replayed epoch 0's order)
+            sampler = EpochShuffleSampler(len(ds), self.seed, rank, world)
+            if self.trainer is not None:  # the value Lightning's set_epoch will give
+                sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
+            ds = EpochSeededDataset(ds, self.seed)
+        elif distributed and len(ds) >= world:  # (fewer images than processes: Lightning's padded sampler)
+            sampler = EvalShardSampler(len(ds), rank, world)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=train,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
