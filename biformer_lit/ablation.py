@@ -14,10 +14,10 @@ for each arm's config and train nothing.
 The section:
     ablation:
       name: topk                 # runs/<name>/...
-      seeds: [0]                 # seed_everything of each replicate
+      seeds: [0]                 # seed_everything of each replicate (distinct integers)
       parallel: 1                # runs at once (on CUDA machines run i gets GPU i % n_gpus)
-      visualize: true            # routing pictures in TensorBoard (RoutingVisualizer)
-      arms:
+      visualize: true            # routing pictures in TensorBoard (RoutingVisualizer); true or false
+      arms:                      # each: a name (a folder name) and its overrides, no other key
         - name: k1
           overrides: {model.model_kwargs.topks: [1, 1, 1, 1]}   # dotted keys into the fit config
 """
@@ -34,6 +34,7 @@ from typing import List, Optional
 import yaml
 
 ABLATION_KEYS = {"name", "seeds", "parallel", "visualize", "arms", "only", "index", "runs_dir", "dry_run"}
+ARM_KEYS = ("name", "overrides")
 INSPECT_FLAGS = ("-h", "--help", "--print_config")  # `fit` answers these and exits 0 without training
 
 
@@ -114,14 +115,51 @@ def _as_int(name: str, value, lo: int) -> int:
     return value
 
 
+def _as_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):  # bool("maybe") would be true
+        raise AblationError(f"ablation.{name}={value!r}; allowed: true or false")
+    return value
+
+
+def _as_text(value):
+    """YAML reads `name: 1` as a number: names and paths are text."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _as_name(key: str, value, path: bool = False) -> str:
+    """A folder name (a path where path=True) below runs_dir."""
+    value = _as_text(value)
+    if not isinstance(value, str) or not value.strip() or not path and ("/" in value or value in (".", "..")):
+        raise AblationError(f"{key}={value!r}; allowed: " + ("a folder path" if path else "a folder name (no '/')"))
+    return value
+
+
+def _as_arm(i: int, arm) -> dict:
+    where = f"ablation.arms[{i}]"
+    if not isinstance(arm, dict) or "name" not in arm:
+        raise AblationError(f"{where}={arm!r}; allowed: {{name: ..., overrides: {{dotted.key: value}}}}")
+    unknown = sorted(map(str, set(arm) - set(ARM_KEYS)))
+    if unknown:  # e.g. `overides:` would run the unmodified base config
+        raise AblationError(f"{where} ({arm['name']}): unknown key(s) {unknown}; allowed: {', '.join(ARM_KEYS)}")
+    overrides = arm.get("overrides") or {}
+    if not isinstance(overrides, dict) or not all(isinstance(k, str) and k for k in overrides):
+        raise AblationError(f"{where}.overrides={arm['overrides']!r}; allowed: a mapping of dotted config keys "
+                            "to values, e.g. {model.lr: 0.001}")
+    return dict(name=_as_name(f"{where}.name", arm["name"]), overrides=overrides, index=i)
+
+
 def plan(section: dict) -> dict:
     """Validate the ablation section; returns it with defaults filled in."""
+    if not isinstance(section, dict):
+        raise AblationError(f"the ablation section holds a {type(section).__name__}; allowed: a mapping "
+                            f"({', '.join(sorted(ABLATION_KEYS))})")
     unknown = set(section) - ABLATION_KEYS
     if unknown:
         raise AblationError(f"unknown ablation key(s) {sorted(unknown)}; allowed: {sorted(ABLATION_KEYS)}")
     arms = section.get("arms") or []
-    if not arms or not all(isinstance(a, dict) and a.get("name") for a in arms):
+    if not isinstance(arms, list) or not arms:
         raise AblationError("ablation.arms must be a non-empty list of {name: ..., overrides: {...}}")
+    arms = [_as_arm(i, a) for i, a in enumerate(arms)]
     names = [a["name"] for a in arms]
     if len(set(names)) != len(names):
         raise AblationError(f"arm names must be unique: {names}")
@@ -129,15 +167,22 @@ def plan(section: dict) -> dict:
     seeds = [seeds] if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
     if not isinstance(seeds, list) or not seeds:
         raise AblationError(f"ablation.seeds={seeds!r}; allowed: an integer or a list of them, e.g. [0, 1, 2]")
-    out = dict(name=section.get("name") or "ablation", seeds=[_as_int("seeds", x, 0) for x in seeds],
+    seeds = [_as_int("seeds", x, 0) for x in seeds]
+    if len(set(seeds)) != len(seeds):  # both would run in the same seed_<n> folder
+        raise AblationError(f"ablation.seeds={seeds!r}; allowed: distinct integers >= 0")
+    out = dict(name=_as_name("ablation.name", section.get("name", "ablation")), seeds=seeds,
                parallel=_as_int("parallel", section.get("parallel", 1), 1),
-               visualize=bool(section.get("visualize", True)),
-               arms=arms, runs_dir=section.get("runs_dir", "runs"), dry_run=bool(section.get("dry_run", False)))
+               visualize=_as_bool("visualize", section.get("visualize", True)), arms=arms,
+               runs_dir=_as_name("ablation.runs_dir", section.get("runs_dir", "runs"), path=True),
+               dry_run=_as_bool("dry_run", section.get("dry_run", False)))
     only, index = section.get("only"), section.get("index")
     if only is not None and index is not None:
         raise AblationError("give --ablation.only or --ablation.index, not both")
     if only is not None:
-        wanted = [only] if isinstance(only, str) else list(only)
+        wanted = [_as_text(w) for w in (only if isinstance(only, list) else [only])]
+        if not wanted:
+            raise AblationError(f"--ablation.only=[]; allowed: an arm name or a non-empty list of them; "
+                                f"arms: {', '.join(names)}")
         missing = [w for w in wanted if w not in names]
         if missing:
             raise AblationError(f"--ablation.only={missing[0]!r}: no such arm; arms: {', '.join(names)}")
@@ -275,15 +320,14 @@ def maybe_run_ablation(argv: List[str]) -> Optional[int]:
         if ablation_flags:
             raise AblationError("--ablation.* given, but no config has an `ablation:` section")
         return None
-    section = deep_merge(cfg.pop("ablation") or {}, ablation_flags)
-    p = plan(section)
+    section = cfg.pop("ablation") or {}
+    p = plan(deep_merge(section, ablation_flags) if isinstance(section, dict) else section)  # plan names a non-mapping
     jobs = []
-    all_arms = [a["name"] for a in section["arms"]]
     for arm in p["arms"]:
         for seed in p["seeds"]:
             run_dir = Path(p["runs_dir"]) / p["name"] / arm["name"] / f"seed_{seed}"
             jobs.append(dict(arm=arm, seed=seed, run_dir=run_dir, ablation=p["name"], parallel=p["parallel"],
-                             index=all_arms.index(arm["name"]),
+                             index=arm["index"],
                              config=arm_config(cfg, arm, seed, run_dir, p["visualize"])))
     if any(a in INSPECT_FLAGS or a.startswith("--print_config=") for a in passthrough):
         return show_arms(jobs, passthrough)

@@ -105,6 +105,44 @@ def test_bad_ablation_values_are_rejected(tmp_path, flag, match):
         maybe_run_ablation(["fit", "--config", str(path), flag, "--ablation.dry_run=true"])
 
 
+@pytest.mark.parametrize("flag,match", [
+    ("--ablation.name=[a,b]", r"ablation.name=\['a', 'b'\]; allowed: a folder name \(no '/'\)"),
+    ("--ablation.name=..", r"ablation.name='..'; allowed: a folder name"),
+    ("--ablation.runs_dir=[a]", r"ablation.runs_dir=\['a'\]; allowed: a folder path"),
+    ("--ablation.visualize=maybe", r"ablation.visualize='maybe'; allowed: true or false"),
+    ("--ablation.dry_run=0.5", r"ablation.dry_run=0.5; allowed: true or false"),
+    ("--ablation.seeds=[0,0]", r"ablation.seeds=\[0, 0\]; allowed: distinct integers >= 0"),
+    ("--ablation.only=[]", r"--ablation.only=\[\]; allowed: an arm name or a non-empty list of them; arms: k1, k4, win"),
+    ("--ablation.arms=[{name: x, overrides: 3}]", r"ablation.arms\[0\].overrides=3; allowed: a mapping of dotted"),
+    ("--ablation.arms=[{name: x, overides: {model.lr: 1}}]",
+     r"ablation.arms\[0\] \(x\): unknown key\(s\) \['overides'\]; allowed: name, overrides"),
+    ("--ablation.arms=[x]", r"ablation.arms\[0\]='x'; allowed: \{name: ..., overrides"),
+    ("--ablation.arms=[{name: [x]}]", r"ablation.arms\[0\].name=\['x'\]; allowed: a folder name"),
+])
+def test_wrong_types_and_silent_mistakes_are_rejected(tmp_path, flag, match):
+    """Each was a traceback, or taken silently (bool('maybe'), a misspelled arm key running the base config,
+    one seed twice, no arm at all)."""
+    path = write_ablation(tmp_path)
+    with pytest.raises(AblationError, match=match):  # the flag last: it overrides the dry run too
+        maybe_run_ablation(["fit", "--config", str(path), "--ablation.dry_run=true", flag])
+
+
+def test_numbers_are_names(tmp_path, capsys, monkeypatch):
+    """`name: 1` (YAML reads a number) and --ablation.runs_dir=2024 name folders, as text."""
+    monkeypatch.chdir(tmp_path)
+    path = write_ablation(tmp_path)
+    args = ["fit", "--config", str(path), "--ablation.dry_run=true", "--ablation.runs_dir=2024", "--ablation.name=7",
+            "--ablation.arms=[{name: 1, overrides: {model.lr: 0.01}}, {name: 2}]", "--ablation.only=2"]
+    assert maybe_run_ablation(args) == 0
+    assert f"would run 2/seed_0 -> {Path('2024', '7', '2', 'seed_0')}" in capsys.readouterr().out
+
+
+def test_a_section_that_is_not_a_mapping_is_rejected(tmp_path):
+    (tmp_path / "a.yaml").write_text("model: {lr: 0.1}\nablation: [k1, k4]\n")
+    with pytest.raises(AblationError, match=r"the ablation section holds a list; allowed: a mapping"):
+        maybe_run_ablation(["fit", "--config", str(tmp_path / "a.yaml"), "--ablation.dry_run=true"])
+
+
 @pytest.mark.parametrize("text,match", [("model: [1, 2\n", "is not valid YAML"),
                                         ("- model\n- data\n", "holds a list; allowed: a mapping of sections")])
 def test_bad_config_files_are_rejected(tmp_path, text, match):
