@@ -35,6 +35,7 @@ import yaml
 
 ABLATION_KEYS = {"name", "seeds", "parallel", "visualize", "arms", "only", "index", "runs_dir", "dry_run"}
 ARM_KEYS = ("name", "overrides")
+BARE_FLAGS = ("-h", "--help")  # the only `fit` options that take no value
 INSPECT_FLAGS = ("-h", "--help", "--print_config")  # `fit` answers these and exits 0 without training
 
 
@@ -42,26 +43,37 @@ class AblationError(ValueError):
     """A malformed ablation section or selection (user input)."""
 
 
-def _split_argv(argv: List[str]):
-    """-> (config files, --ablation.* overrides, the other flags passed through to every run)."""
-    configs, ablation, rest = [], {}, []
+def _options(argv: List[str]):
+    """(key, value, the option as `--key=value`) per option: `--key value` and `--key=value` alike; value None
+    where none is given."""
     i = 0
     while i < len(argv):
-        a = argv[i]
-        key, eq, val = a.partition("=")
-        if key in ("--config", "-c"):
-            if not eq:
+        key, eq, val = argv[i].partition("=")
+        if not eq:
+            val = None
+            if key.startswith("-") and key not in BARE_FLAGS and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 i += 1
-                if i >= len(argv):
-                    raise AblationError("--config needs a file")
                 val = argv[i]
+        yield key, val, key if val is None else f"{key}={val}"
+        i += 1
+
+
+def normalised(flags: List[str]) -> List[str]:
+    """Flags as `--key=value`: the same setting written either way is recorded and compared as the same."""
+    return [option for _, _, option in _options(flags)]
+
+
+def _split_argv(argv: List[str]):
+    """-> (config files, --ablation.* overrides, the other flags passed through to every run, normalised)."""
+    configs, ablation, rest = [], {}, []
+    for key, val, option in _options(argv):
+        if key in ("--config", "-c"):
+            if val is None:
+                raise AblationError("--config needs a file")
             configs.append(val)
         elif key.startswith("--ablation."):
-            if not eq:
-                i += 1
-                if i >= len(argv):
-                    raise AblationError(f"{key} needs a value")
-                val = argv[i]
+            if val is None:
+                raise AblationError(f"{key} needs a value")
             name = key[len("--ablation."):]
             if not val.strip():  # e.g. --ablation.index=$SLURM_ARRAY_TASK_ID outside an array job
                 raise AblationError(f"{key} is empty" + (" (is $SLURM_ARRAY_TASK_ID set?)" if name == "index" else ""))
@@ -70,8 +82,7 @@ def _split_argv(argv: List[str]):
             except yaml.YAMLError as e:
                 raise AblationError(f"{key}={val!r} is not a valid value: {str(e).splitlines()[0]}") from None
         else:
-            rest.append(a)
-        i += 1
+            rest.append(option)
     return configs, ablation, rest
 
 
@@ -240,7 +251,10 @@ def check_same_settings(job: dict, current: dict) -> None:
     """A run folder from other settings (say a shortened run, or the CPU config before the paper-scale
     one) must not be skipped as finished nor resumed: refuse, naming what differs."""
     recorded = read_arm(job["run_dir"]).get("settings")
-    if recorded is None or recorded == current:  # no earlier run (or one from before settings were kept)
+    if recorded is None:  # no earlier run (or one from before settings were kept)
+        return
+    recorded = dict(recorded, flags=normalised(recorded.get("flags", [])))  # recorded before flags were normalised
+    if recorded == current:
         return
     diff = _differences(recorded, current)
     raise AblationError(f"{job['run_dir']} holds a run with other settings ({'; '.join(diff[:3])}"

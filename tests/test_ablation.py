@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -151,13 +152,20 @@ def test_bad_config_files_are_rejected(tmp_path, text, match):
         maybe_run_ablation(["fit", "--config", str(tmp_path / "bad.yaml")])
 
 
-def test_a_run_from_other_settings_is_neither_skipped_nor_resumed(tmp_path, monkeypatch, capsys):
-    """A finished shortened run (or the CPU config before the paper-scale one) in the same folder: refused,
-    naming what differs; the same settings again: skipped."""
+@pytest.fixture
+def fits(monkeypatch, tmp_path):
+    """Each arm's `fit` "finishes" at once (exit 0; set fits.code for another); fits.commands: those run."""
     from biformer_lit import ablation
     monkeypatch.chdir(tmp_path)
+    fake = SimpleNamespace(commands=[], code=0)
+    monkeypatch.setattr(ablation.subprocess, "call", lambda cmd, **kw: fake.commands.append(cmd) or fake.code)
+    return fake
+
+
+def test_a_run_from_other_settings_is_neither_skipped_nor_resumed(tmp_path, fits, capsys):
+    """A finished shortened run (or the CPU config before the paper-scale one) in the same folder: refused,
+    naming what differs; the same settings again: skipped."""
     path = write_ablation(tmp_path)
-    monkeypatch.setattr(ablation.subprocess, "call", lambda cmd, **kw: 0)  # each run "finishes" at once
     short = ["fit", "--config", str(path), "--ablation.only=k1", "--trainer.max_epochs=1"]
     assert maybe_run_ablation(short) == 0
     assert maybe_run_ablation(short) == 0 and "skip finished k1/seed_0" in capsys.readouterr().out
@@ -166,6 +174,26 @@ def test_a_run_from_other_settings_is_neither_skipped_nor_resumed(tmp_path, monk
         maybe_run_ablation(short[:-1])
     with pytest.raises(AblationError, match=r"config.model.lr: 0.001 -> 0.5"):
         maybe_run_ablation(short + ["--config", str(write_config(tmp_path, {"model": {"lr": 0.5}}))])
+
+
+def test_a_flag_written_either_way_is_the_same_setting(tmp_path, fits, capsys):
+    """`--key value` and `--key=value`: recorded alike, so the rerun is skipped, not refused as other settings;
+    also against a folder recorded before flags were normalised."""
+    path = write_ablation(tmp_path)
+    args = ["fit", "--config", str(path), "--ablation.only=k1"]
+    assert maybe_run_ablation(args + ["--trainer.max_epochs", "1", "--model.lr", "-1e-3"]) == 0
+    status = tmp_path / "runs" / "mini" / "k1" / "seed_0" / "arm.json"
+    info = json.loads(status.read_text())
+    assert info["settings"]["flags"] == ["--trainer.max_epochs=1", "--model.lr=-1e-3"]
+    assert "--trainer.max_epochs=1" in fits.commands[-1]
+    capsys.readouterr()
+    assert maybe_run_ablation(args + ["--trainer.max_epochs=1", "--model.lr=-1e-3"]) == 0
+    assert "skip finished k1/seed_0" in capsys.readouterr().out
+    status.write_text(json.dumps(dict(info, settings=dict(info["settings"], flags=[
+        "--trainer.max_epochs", "1", "--model.lr", "-1e-3"]))))
+    assert maybe_run_ablation(args + ["--trainer.max_epochs=1", "--model.lr=-1e-3"]) == 0
+    assert "skip finished k1/seed_0" in capsys.readouterr().out
+    assert len(fits.commands) == 1
 
 
 def write_config(tmp_path, cfg: dict) -> Path:
