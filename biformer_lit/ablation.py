@@ -6,10 +6,12 @@
 Every (arm, seed) is a separate, complete training run in its own process (so every Lightning
 strategy works inside an arm), logged to runs/<ablation>/<arm>/seed_<n>/ so that
 `tensorboard --logdir runs/<ablation>` overlays the arms. All arms share the seed, the data and its
-order, and (where parameter shapes agree) the initialisation. Re-running the same command skips
-finished runs and resumes interrupted ones from their last checkpoint; a run folder holding a run with
-other settings (config or flags) is refused, never skipped nor resumed. --help / --print_config answer
-for each arm's config and train nothing.
+order, and (where parameter shapes agree) the initialisation. Before any run starts, each arm's `fit`
+command (its config and the flags passed through) is parsed, and nothing built: a typo is one error.
+Re-running the same command skips finished runs and resumes interrupted ones from their last checkpoint;
+a run folder holding a run with other settings (config or flags; `--x 2` and `--x=2` are the same) is
+refused, never skipped nor resumed. --help / --print_config / --<class>.help answer for each arm's config
+and train nothing.
 
 The section:
     ablation:
@@ -21,11 +23,14 @@ The section:
         - name: k1
           overrides: {model.model_kwargs.topks: [1, 1, 1, 1]}   # dotted keys into the fit config
 """
+import contextlib
 import copy
+import io
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,7 +41,7 @@ import yaml
 ABLATION_KEYS = {"name", "seeds", "parallel", "visualize", "arms", "only", "index", "runs_dir", "dry_run"}
 ARM_KEYS = ("name", "overrides")
 BARE_FLAGS = ("-h", "--help")  # the only `fit` options that take no value
-INSPECT_FLAGS = ("-h", "--help", "--print_config")  # `fit` answers these and exits 0 without training
+INSPECT_FLAGS = ("-h", "--help", "--print_config")  # and --<class>.help: `fit` answers, trains nothing
 
 
 class AblationError(ValueError):
@@ -272,14 +277,23 @@ def _fit_command(config_path: Path, passthrough: List[str]) -> List[str]:
     return [sys.executable, "-m", "biformer_lit.cli", "fit", "--config", str(config_path), *passthrough]
 
 
+def _write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def inspecting(passthrough: List[str]) -> bool:
+    """--help, --print_config, --<class>.help: `fit` answers and exits 0 without training."""
+    keys = [a.partition("=")[0] for a in passthrough]
+    return any(k in INSPECT_FLAGS or k.endswith(".help") for k in keys)
+
+
 def show_arms(jobs: List[dict], passthrough: List[str]) -> int:
     """--help / --print_config: what `fit` says of each run's config; nothing trains, no status changes."""
-    import tempfile
     printing = any(a.startswith("--print_config") for a in passthrough)
     with tempfile.TemporaryDirectory() as tmp:
         for j in jobs if printing else jobs[:1]:  # help is the same for every arm
-            path = Path(tmp) / "config.yaml"
-            path.write_text(yaml.safe_dump(j["config"], sort_keys=False))
+            path = _write_config(Path(tmp) / "config.yaml", j["config"])
             print(f"# [ablation] {j['arm']['name']}/seed_{j['seed']}", flush=True)
             code = subprocess.call(_fit_command(path, passthrough))
             if code:
@@ -287,15 +301,29 @@ def show_arms(jobs: List[dict], passthrough: List[str]) -> int:
     return 0
 
 
+def check_commands(jobs: List[dict], passthrough: List[str]) -> None:
+    """Parse each arm's `fit` command as its run will, and build nothing: a typo in a flag or an override is
+    one error before any run starts, not a failed run per arm (and a folder that refuses the fixed command)."""
+    from .cli import make_cli
+    with tempfile.TemporaryDirectory() as tmp:
+        for j in [j for j in jobs if j["seed"] == jobs[0]["seed"]]:  # one per arm: seeds only seed differently
+            path = _write_config(Path(tmp) / "config.yaml", j["config"])
+            err = io.StringIO()
+            try:  # --print_config: the parser exits once the arguments are parsed and type-checked
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                    make_cli(["fit", "--config", str(path), *passthrough, "--print_config"])
+            except SystemExit as e:
+                if e.code:
+                    message = err.getvalue().partition("error: ")[2].strip() or f"exit status {e.code}"
+                    raise AblationError(f"arm {j['arm']['name']}: {message} (no run started)") from None
+
+
 def run_one(job: dict, passthrough: List[str], slot: int) -> int:
     run_dir: Path = job["run_dir"]
     run_dir.mkdir(parents=True, exist_ok=True)
     info = dict(ablation=job["ablation"], arm=job["arm"]["name"], index=job["index"], seed=job["seed"],
                 overrides=job["arm"].get("overrides") or {}, settings=settings(job, passthrough))
-    cfg_path = run_dir / "config.yaml"
-    with open(cfg_path, "w") as f:
-        yaml.safe_dump(job["config"], f, sort_keys=False)
-    cmd = _fit_command(cfg_path, passthrough)
+    cmd = _fit_command(_write_config(run_dir / "config.yaml", job["config"]), passthrough)
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
         cmd.append(f"--ckpt_path={last}")  # interrupted earlier: continue, don't restart
@@ -343,8 +371,9 @@ def maybe_run_ablation(argv: List[str]) -> Optional[int]:
             jobs.append(dict(arm=arm, seed=seed, run_dir=run_dir, ablation=p["name"], parallel=p["parallel"],
                              index=arm["index"],
                              config=arm_config(cfg, arm, seed, run_dir, p["visualize"])))
-    if any(a in INSPECT_FLAGS or a.startswith("--print_config=") for a in passthrough):
+    if inspecting(passthrough):
         return show_arms(jobs, passthrough)
+    check_commands(jobs, passthrough)
     for j in jobs:
         check_same_settings(j, settings(j, passthrough))
     todo = [j for j in jobs if read_arm(j["run_dir"]).get("status") != "finished"]

@@ -1,6 +1,7 @@
 """The ablation runner: shipped YAMLs, arm selection, skip-finished / resume-interrupted, report."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -113,7 +114,7 @@ def test_bad_ablation_values_are_rejected(tmp_path, flag, match):
     ("--ablation.visualize=maybe", r"ablation.visualize='maybe'; allowed: true or false"),
     ("--ablation.dry_run=0.5", r"ablation.dry_run=0.5; allowed: true or false"),
     ("--ablation.seeds=[0,0]", r"ablation.seeds=\[0, 0\]; allowed: distinct integers >= 0"),
-    ("--ablation.only=[]", r"--ablation.only=\[\]; allowed: an arm name or a non-empty list of them; arms: k1, k4, win"),
+    ("--ablation.only=[]", r"--ablation.only=\[\]; allowed: an arm name or a non-empty list of them; arms: k1, k4"),
     ("--ablation.arms=[{name: x, overrides: 3}]", r"ablation.arms\[0\].overrides=3; allowed: a mapping of dotted"),
     ("--ablation.arms=[{name: x, overides: {model.lr: 1}}]",
      r"ablation.arms\[0\] \(x\): unknown key\(s\) \['overides'\]; allowed: name, overrides"),
@@ -194,6 +195,29 @@ def test_a_flag_written_either_way_is_the_same_setting(tmp_path, fits, capsys):
     assert maybe_run_ablation(args + ["--trainer.max_epochs=1", "--model.lr=-1e-3"]) == 0
     assert "skip finished k1/seed_0" in capsys.readouterr().out
     assert len(fits.commands) == 1
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--model.lrr", "1e-3"], r"^arm k1: unrecognized arguments: --model.lrr=1e-3 \(did you mean --model.lr\?\) "
+                              r"\(no run started\)$"),
+    (["--trainer.max_epochs=two"], r"^arm k1: Parser key \"trainer.max_epochs\":.*Given value: two"),
+    (["--ablation.arms=[{name: a}, {name: b, overrides: {model.wd: 1}}]"],
+     r"^arm b: Group 'model' does not accept option 'wd'"),
+])
+def test_a_bad_flag_or_override_is_found_before_any_run_starts(tmp_path, fits, flags, match):
+    """It made every arm's `fit` fail (exit 2), and the failed folder then refused the corrected command."""
+    path = write_ablation(tmp_path)
+    with pytest.raises(AblationError, match=re.compile(match, re.S)):
+        maybe_run_ablation(["fit", "--config", str(path), *flags])
+    assert fits.commands == [] and not (tmp_path / "runs").exists()
+
+
+def test_class_help_flags_train_nothing(tmp_path, fits, capsys):
+    """--trainer.strategy.help CLASS answers (exit 0) like --help: no arm may run it and be recorded finished."""
+    path = write_ablation(tmp_path)
+    assert maybe_run_ablation(["fit", "--config", str(path), "--trainer.strategy.help", "DDPStrategy"]) == 0
+    assert fits.commands[0][-1] == "--trainer.strategy.help=DDPStrategy" and len(fits.commands) == 1
+    assert not (tmp_path / "runs").exists()
 
 
 def write_config(tmp_path, cfg: dict) -> Path:
