@@ -10,8 +10,10 @@ order, and (where parameter shapes agree) the initialisation. Before any run sta
 command (its config and the flags passed through) is parsed, and nothing built: a typo is one error.
 Re-running the same command skips finished runs and resumes interrupted ones from their last checkpoint;
 a run folder holding a run with other settings (config or flags; `--x 2` and `--x=2` are the same) is
-refused, never skipped nor resumed. --help / --print_config / --<class>.help answer for each arm's config
-and train nothing.
+refused, never skipped nor resumed. SIGTERM and SIGUSR1 to the runner (SLURM's preemption / time-limit
+signals) go on, as they are, to the running arms, which are then recorded interrupted; no further arm
+starts and the runner exits 128 + signal (143: SIGTERM). --help / --print_config / --<class>.help answer
+for each arm's config and train nothing.
 
 The section:
     ablation:
@@ -28,9 +30,11 @@ import copy
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +45,7 @@ import yaml
 ABLATION_KEYS = {"name", "seeds", "parallel", "visualize", "arms", "only", "index", "runs_dir", "dry_run"}
 ARM_KEYS = ("name", "overrides")
 BARE_FLAGS = ("-h", "--help")  # the only `fit` options that take no value
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1)  # SLURM: preemption / time limit, and --signal=SIGUSR1@<s>
 INSPECT_FLAGS = ("-h", "--help", "--print_config")  # and --<class>.help: `fit` answers, trains nothing
 
 
@@ -277,6 +282,10 @@ def _fit_command(config_path: Path, passthrough: List[str]) -> List[str]:
     return [sys.executable, "-m", "biformer_lit.cli", "fit", "--config", str(config_path), *passthrough]
 
 
+def _label(job: dict) -> str:
+    return f"{job['arm']['name']}/seed_{job['seed']}"
+
+
 def _write_config(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -294,7 +303,7 @@ def show_arms(jobs: List[dict], passthrough: List[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for j in jobs if printing else jobs[:1]:  # help is the same for every arm
             path = _write_config(Path(tmp) / "config.yaml", j["config"])
-            print(f"# [ablation] {j['arm']['name']}/seed_{j['seed']}", flush=True)
+            print(f"# [ablation] {_label(j)}", flush=True)
             code = subprocess.call(_fit_command(path, passthrough))
             if code:
                 return code
@@ -318,29 +327,74 @@ def check_commands(jobs: List[dict], passthrough: List[str]) -> None:
                     raise AblationError(f"arm {j['arm']['name']}: {message} (no run started)") from None
 
 
-def run_one(job: dict, passthrough: List[str], slot: int) -> int:
+class Children:
+    """The arms' running `fit` processes. While entered (in the main thread, where signal handlers run; the
+    arms wait in pool threads), SIGTERM and SIGUSR1 to the runner go on to them as they are; after a
+    signal no further run starts."""
+
+    def __init__(self):
+        self.lock = threading.RLock()  # re-entrant: a second signal may arrive while the first is passed on
+        self.running = set()
+        self.stopped_by = None  # the signal that stopped the ablation
+        self._handlers = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._handlers = {s: signal.signal(s, self.stop) for s in FORWARDED}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._handlers.items():
+            signal.signal(s, handler)
+
+    def start(self, cmd: List[str], **kwargs) -> Optional[subprocess.Popen]:
+        with self.lock:  # checked and started at once: a signal in between would miss the new process
+            if self.stopped_by:
+                return None
+            proc = subprocess.Popen(cmd, **kwargs)
+            self.running.add(proc)
+            return proc
+
+    def wait(self, proc: subprocess.Popen) -> int:
+        code = proc.wait()
+        with self.lock:
+            self.running.discard(proc)
+        return code
+
+    def stop(self, signum: int, frame=None, forward: bool = True) -> None:
+        self.stopped_by = signum
+        with self.lock:
+            for proc in self.running if forward else ():
+                proc.send_signal(signum)
+
+
+def run_one(job: dict, passthrough: List[str], slot: int, children: Children) -> Optional[int]:
+    """One arm's run: its exit status, None when the ablation was stopped before it started."""
     run_dir: Path = job["run_dir"]
     run_dir.mkdir(parents=True, exist_ok=True)
     info = dict(ablation=job["ablation"], arm=job["arm"]["name"], index=job["index"], seed=job["seed"],
                 overrides=job["arm"].get("overrides") or {}, settings=settings(job, passthrough))
     cmd = _fit_command(_write_config(run_dir / "config.yaml", job["config"]), passthrough)
     last = run_dir / "checkpoints" / "last.ckpt"
-    if last.is_file():
+    resuming = last.is_file()
+    if resuming:
         cmd.append(f"--ckpt_path={last}")  # interrupted earlier: continue, don't restart
     env = dict(os.environ)
     gpus = _cuda_count()
     if gpus and job["parallel"] > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
         env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
-    write_status(run_dir, **info, status="running", resumed=last.is_file())
-    label = f"{job['arm']['name']}/seed_{job['seed']}"
-    print(f"[ablation] start {label}{' (resuming)' if last.is_file() else ''}", flush=True)
+    logged = job["parallel"] > 1  # runs at once would interleave on the terminal: each writes its stdout.log
     t0 = time.time()
-    with open(run_dir / "stdout.log", "a") as log:
-        code = subprocess.call(cmd, env=env, stdout=log if job["parallel"] > 1 else None,
-                               stderr=subprocess.STDOUT if job["parallel"] > 1 else None)
-    status = "finished" if code == 0 else f"failed (exit {code})"
+    with open(run_dir / "stdout.log", "a") if logged else contextlib.nullcontext() as log:
+        proc = children.start(cmd, env=env, stdout=log, stderr=subprocess.STDOUT if logged else None)
+        if proc is None:
+            return None
+        write_status(run_dir, **info, status="running", resumed=resuming, pid=proc.pid)
+        print(f"[ablation] start {_label(job)}{' (resuming)' if resuming else ''}", flush=True)
+        code = children.wait(proc)
+    status = "finished" if code == 0 else "interrupted" if children.stopped_by else f"failed (exit {code})"
     write_status(run_dir, **info, status=status, seconds=round(time.time() - t0, 1))
-    print(f"[ablation] {status}: {label} in {time.time() - t0:.0f}s", flush=True)
+    print(f"[ablation] {status}: {_label(job)} in {time.time() - t0:.0f}s", flush=True)
     return code
 
 
@@ -379,17 +433,25 @@ def maybe_run_ablation(argv: List[str]) -> Optional[int]:
     todo = [j for j in jobs if read_arm(j["run_dir"]).get("status") != "finished"]
     for j in jobs:
         if j not in todo:
-            print(f"[ablation] skip finished {j['arm']['name']}/seed_{j['seed']}", flush=True)
+            print(f"[ablation] skip finished {_label(j)}", flush=True)
     print(f"[ablation] {p['name']}: {len(jobs)} run(s), {len(todo)} to do, {p['parallel']} at a time", flush=True)
     if p["dry_run"]:
         for j in todo:
-            print(f"[ablation] would run {j['arm']['name']}/seed_{j['seed']} -> {j['run_dir']}")
+            print(f"[ablation] would run {_label(j)} -> {j['run_dir']}")
         return 0
-    with ThreadPoolExecutor(max_workers=p["parallel"]) as pool:
-        codes = list(pool.map(lambda ij: run_one(ij[1], passthrough, ij[0]), enumerate(todo)))
-    failed = [f"{j['arm']['name']}/seed_{j['seed']}" for j, c in zip(todo, codes) if c]
+    with Children() as children, ThreadPoolExecutor(max_workers=p["parallel"]) as pool:
+        try:
+            codes = list(pool.map(lambda ij: run_one(ij[1], passthrough, ij[0], children), enumerate(todo)))
+        except KeyboardInterrupt:  # Ctrl-C reached the arms too (one process group): start no further run
+            children.stop(signal.SIGINT, forward=False)
+    if children.stopped_by:
+        print(f"[ablation] stopped by {signal.Signals(children.stopped_by).name}: running arms interrupted, no "
+              "further run started; run the same command to continue", file=sys.stderr, flush=True)
+        return 128 + children.stopped_by
+    failed = [j for j, code in zip(todo, codes) if code]
     if failed:
-        print(f"error: {len(failed)} run(s) failed: {', '.join(failed)} (see their stdout.log / output above)",
+        where = ", ".join(str(j["run_dir"] / "stdout.log") for j in failed) if p["parallel"] > 1 else "output above"
+        print(f"error: {len(failed)} run(s) failed: {', '.join(map(_label, failed))} (see their {where})",
               file=sys.stderr)
         return 1
     print(f"[ablation] done. Compare: tensorboard --logdir {Path(p['runs_dir']) / p['name']}   "

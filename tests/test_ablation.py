@@ -3,8 +3,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -155,10 +158,31 @@ def test_bad_config_files_are_rejected(tmp_path, text, match):
 
 @pytest.fixture
 def fits(monkeypatch, tmp_path):
-    """Each arm's `fit` "finishes" at once (exit 0; set fits.code for another); fits.commands: those run."""
+    """Each arm's `fit` process "finishes" at once with fits.code (0); fits.commands: those started. With
+    fits.signal set, a process sends that signal to the runner (as SLURM would) and exits -signal once the
+    runner has passed it on (fits.received)."""
     from biformer_lit import ablation
     monkeypatch.chdir(tmp_path)
-    fake = SimpleNamespace(commands=[], code=0)
+    fake = SimpleNamespace(commands=[], code=0, signal=None, received=[])
+
+    class Process:
+        pid = 4321
+
+        def __init__(self, cmd, **kwargs):
+            fake.commands.append(cmd)
+            self.passed_on = threading.Event()
+
+        def send_signal(self, signum):
+            fake.received.append(signum)
+            self.passed_on.set()
+
+        def wait(self):
+            if fake.signal is None:
+                return fake.code
+            os.kill(os.getpid(), fake.signal)
+            return -fake.signal if self.passed_on.wait(timeout=30) else fake.code
+
+    monkeypatch.setattr(ablation.subprocess, "Popen", Process)
     monkeypatch.setattr(ablation.subprocess, "call", lambda cmd, **kw: fake.commands.append(cmd) or fake.code)
     return fake
 
@@ -218,6 +242,68 @@ def test_class_help_flags_train_nothing(tmp_path, fits, capsys):
     assert maybe_run_ablation(["fit", "--config", str(path), "--trainer.strategy.help", "DDPStrategy"]) == 0
     assert fits.commands[0][-1] == "--trainer.strategy.help=DDPStrategy" and len(fits.commands) == 1
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_to_the_runner_reaches_the_arm_and_no_further_run_starts(tmp_path, fits, signum, capsys):
+    """SLURM signals the runner (SIGTERM: preemption, time limit; SIGUSR1: --signal=SIGUSR1@120): the running
+    arm gets the signal as it is, is recorded interrupted, and the runner exits 128 + signal."""
+    path = write_ablation(tmp_path)
+    fits.signal = signum
+    ignore = lambda *args: None  # noqa: E731 (were the signal not handled, it must not end pytest)
+    previous = signal.signal(signum, ignore)
+    try:
+        assert maybe_run_ablation(["fit", "--config", str(path), "--ablation.only=[k1,k4]"]) == 128 + signum
+        assert signal.getsignal(signum) is ignore  # the runner's handler is gone again
+    finally:
+        signal.signal(signum, previous)
+    assert fits.received == [signum] and len(fits.commands) == 1
+    runs = tmp_path / "runs" / "mini"
+    assert json.loads((runs / "k1" / "seed_0" / "arm.json").read_text())["status"] == "interrupted"
+    assert not (runs / "k4" / "seed_0" / "arm.json").exists()
+    assert f"stopped by {signum.name}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("parallel,where", [(1, r"\(see their output above\)"),
+                                            (2, r"\(see their runs/mini/k1/seed_0/stdout.log, runs/mini/k4/")])
+def test_a_failed_run_says_where_its_output_is(tmp_path, fits, capsys, parallel, where):
+    """One at a time, an arm's output goes to the terminal (its stdout.log stayed empty, yet was named)."""
+    path = write_ablation(tmp_path)
+    fits.code = 3
+    args = ["fit", "--config", str(path), "--ablation.only=[k1,k4]", f"--ablation.parallel={parallel}"]
+    assert maybe_run_ablation(args) == 1
+    assert re.search(r"error: 2 run\(s\) failed: k1/seed_0, k4/seed_0 " + where, capsys.readouterr().err)
+    assert json.loads((tmp_path / "runs/mini/k1/seed_0/arm.json").read_text())["status"] == "failed (exit 3)"
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_runner_checkpoints_the_running_arm(tmp_path):
+    """The real thing: the runner used to exit at once and leave the arm's fit running, orphaned (no
+    preemption checkpoint, status "running", a rerun started a second process on the arm)."""
+    path = write_ablation(tmp_path)
+    k1 = tmp_path / "runs" / "mini" / "k1" / "seed_0"
+    args = ["fit", "--config", str(path), "--ablation.only=[k1,k4]", *TINY[1:], "--trainer.max_epochs=1000"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    with open(tmp_path / "out.txt", "w") as out:
+        runner = subprocess.Popen([sys.executable, str(REPO / "cli.py"), *args], cwd=tmp_path, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT)
+    pid = None
+    try:
+        while not (k1 / "checkpoints" / "last.ckpt").exists() and runner.poll() is None:  # training: past epoch 0
+            time.sleep(0.2)
+        pid = json.loads((k1 / "arm.json").read_text()).get("pid")
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=300) == 143, (tmp_path / "out.txt").read_text()[-3000:]
+    finally:
+        runner.kill()
+        if pid:  # the arm's process, should it have been left running
+            subprocess.run(["kill", "-9", str(pid)], capture_output=True)
+    out = (tmp_path / "out.txt").read_text()
+    assert "interrupted by SIGTERM: last.ckpt saved" in out  # the arm's fit: its preemption checkpoint
+    assert json.loads((k1 / "arm.json").read_text())["status"] == "interrupted"
+    assert "start k4" not in out and not (tmp_path / "runs" / "mini" / "k4" / "seed_0" / "arm.json").exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
 
 
 def write_config(tmp_path, cfg: dict) -> Path:
