@@ -10,7 +10,9 @@ order, and (where parameter shapes agree) the initialisation. Before any run sta
 command (its config and the flags passed through) is parsed, and nothing built: a typo is one error.
 Re-running the same command skips finished runs and resumes interrupted ones from their last checkpoint;
 a run folder holding a run with other settings (config or flags; `--x 2` and `--x=2` are the same) is
-refused, never skipped nor resumed. SIGTERM and SIGUSR1 to the runner (SLURM's preemption / time-limit
+refused, never skipped nor resumed. An invocation claims its run folders (an flock on <run>/.lock, also
+held by an arm's fit while it runs): a second invocation on any of them is refused, while other arms
+(SLURM array tasks) run at once. SIGTERM and SIGUSR1 to the runner (SLURM's preemption / time-limit
 signals) go on, as they are, to the running arms, which are then recorded interrupted; no further arm
 starts and the runner exits 128 + signal (143: SIGTERM). --help / --print_config / --<class>.help answer
 for each arm's config and train nothing.
@@ -27,10 +29,12 @@ The section:
 """
 import contextlib
 import copy
+import fcntl
 import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +49,7 @@ import yaml
 ABLATION_KEYS = {"name", "seeds", "parallel", "visualize", "arms", "only", "index", "runs_dir", "dry_run"}
 ARM_KEYS = ("name", "overrides")
 BARE_FLAGS = ("-h", "--help")  # the only `fit` options that take no value
+LOCK = ".lock"  # in each run folder: claimed by the invocation running it
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)  # SLURM: preemption / time limit, and --signal=SIGUSR1@<s>
 INSPECT_FLAGS = ("-h", "--help", "--print_config")  # and --<class>.help: `fit` answers, trains nothing
 
@@ -327,6 +332,28 @@ def check_commands(jobs: List[dict], passthrough: List[str]) -> None:
                     raise AblationError(f"arm {j['arm']['name']}: {message} (no run started)") from None
 
 
+@contextlib.contextmanager
+def claimed(run_dir: Path):
+    """This invocation's claim on a run folder: an exclusive flock on its lock file, so a second invocation
+    on the same run is refused (SLURM array tasks run other arms of one ablation at once). A flock ends with
+    the processes holding it: no stale claim after a kill. Yields the file descriptor."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise AblationError(f"{run_dir} is being run by another invocation ({f.read().strip()}): wait for it "
+                                "to end, or select other arms (--ablation.only / --ablation.index)") from None
+        except OSError as e:  # e.g. Lustre mounted without `flock`: run unclaimed rather than not at all
+            print(f"warning: cannot lock {f.name} ({e.strerror}): a second invocation of this run would not be "
+                  "refused", file=sys.stderr)
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        yield f.fileno()
+
+
 class Children:
     """The arms' running `fit` processes. While entered (in the main thread, where signal handlers run; the
     arms wait in pool threads), SIGTERM and SIGUSR1 to the runner go on to them as they are; after a
@@ -386,9 +413,11 @@ def run_one(job: dict, passthrough: List[str], slot: int, children: Children) ->
     logged = job["parallel"] > 1  # runs at once would interleave on the terminal: each writes its stdout.log
     t0 = time.time()
     with open(run_dir / "stdout.log", "a") if logged else contextlib.nullcontext() as log:
-        proc = children.start(cmd, env=env, stdout=log, stderr=subprocess.STDOUT if logged else None)
+        proc = children.start(cmd, env=env, stdout=log, stderr=subprocess.STDOUT if logged else None,
+                              pass_fds=[job["lock"]])  # the claim outlives the runner while the arm runs
         if proc is None:
             return None
+        os.write(job["lock"], f", its fit: pid {proc.pid}".encode())  # the claim's holder after a runner's kill
         write_status(run_dir, **info, status="running", resumed=resuming, pid=proc.pid)
         print(f"[ablation] start {_label(job)}{' (resuming)' if resuming else ''}", flush=True)
         code = children.wait(proc)
@@ -428,6 +457,15 @@ def maybe_run_ablation(argv: List[str]) -> Optional[int]:
     if inspecting(passthrough):
         return show_arms(jobs, passthrough)
     check_commands(jobs, passthrough)
+    with contextlib.ExitStack() as claims:
+        if not p["dry_run"]:  # claimed before their status is read, held to the end
+            for j in jobs:
+                j["lock"] = claims.enter_context(claimed(j["run_dir"]))
+        return run_jobs(p, jobs, passthrough)
+
+
+def run_jobs(p: dict, jobs: List[dict], passthrough: List[str]) -> int:
+    """Skip the finished runs, run the others (p: the plan); the exit status."""
     for j in jobs:
         check_same_settings(j, settings(j, passthrough))
     todo = [j for j in jobs if read_arm(j["run_dir"]).get("status") != "finished"]

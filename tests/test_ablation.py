@@ -1,4 +1,5 @@
 """The ablation runner: shipped YAMLs, arm selection, skip-finished / resume-interrupted, report."""
+import fcntl
 import json
 import os
 import re
@@ -158,18 +159,20 @@ def test_bad_config_files_are_rejected(tmp_path, text, match):
 
 @pytest.fixture
 def fits(monkeypatch, tmp_path):
-    """Each arm's `fit` process "finishes" at once with fits.code (0); fits.commands: those started. With
+    """Each arm's `fit` process "finishes" at once with fits.code (0); fits.commands: those started;
+    fits.claimed: whether each one's run folder was claimed (locked) while it ran. With
     fits.signal set, a process sends that signal to the runner (as SLURM would) and exits -signal once the
     runner has passed it on (fits.received)."""
     from biformer_lit import ablation
     monkeypatch.chdir(tmp_path)
-    fake = SimpleNamespace(commands=[], code=0, signal=None, received=[])
+    fake = SimpleNamespace(commands=[], code=0, signal=None, received=[], claimed=[])
 
     class Process:
         pid = 4321
 
         def __init__(self, cmd, **kwargs):
             fake.commands.append(cmd)
+            fake.claimed.append(claimed(Path(cmd[cmd.index("--config") + 1]).parent))
             self.passed_on = threading.Event()
 
         def send_signal(self, signum):
@@ -182,8 +185,8 @@ def fits(monkeypatch, tmp_path):
             os.kill(os.getpid(), fake.signal)
             return -fake.signal if self.passed_on.wait(timeout=30) else fake.code
 
-    monkeypatch.setattr(ablation.subprocess, "Popen", Process)
-    monkeypatch.setattr(ablation.subprocess, "call", lambda cmd, **kw: fake.commands.append(cmd) or fake.code)
+    call = lambda cmd, **kw: fake.commands.append(cmd) or fake.code  # noqa: E731 (--help, --print_config)
+    monkeypatch.setattr(ablation, "subprocess", SimpleNamespace(**dict(vars(subprocess), Popen=Process, call=call)))
     return fake
 
 
@@ -304,6 +307,48 @@ def test_sigterm_to_the_runner_checkpoints_the_running_arm(tmp_path):
     assert "start k4" not in out and not (tmp_path / "runs" / "mini" / "k4" / "seed_0" / "arm.json").exists()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def claimed(run_dir: Path) -> bool:
+    """Whether another process holds the run folder's lock."""
+    with open(run_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def test_a_run_is_claimed_while_it_runs_and_a_second_invocation_refused(tmp_path, fits):
+    """Two invocations on one arm ran it into one folder at once; other arms (SLURM array tasks) may run."""
+    path = write_ablation(tmp_path)
+    args = ["fit", "--config", str(path)]
+    k1 = tmp_path / "runs" / "mini" / "k1" / "seed_0"
+    k1.mkdir(parents=True)
+    with open(k1 / ".lock", "a+") as other:  # another invocation is running k1
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("pid 99 on node7")
+        other.flush()
+        with pytest.raises(AblationError, match=r"runs/mini/k1/seed_0 is being run by another invocation "
+                                                r"\(pid 99 on node7\): wait for it to end, or select other arms"):
+            maybe_run_ablation(args + ["--ablation.only=[k4,k1]"])
+        assert fits.commands == []  # refused before any run started
+        assert maybe_run_ablation(args + ["--ablation.index=1"]) == 0  # k4
+    assert maybe_run_ablation(args + ["--ablation.only=k1"]) == 0  # the other invocation ended
+    assert len(fits.commands) == 2 and fits.claimed == [True, True]
+    assert not claimed(k1)  # released at the end
+
+
+def test_a_file_system_without_flock_runs_unclaimed(tmp_path, fits, monkeypatch, capsys):
+    from biformer_lit import ablation
+
+    def unsupported(fd, op):
+        raise OSError(38, "Function not implemented")
+    monkeypatch.setattr(ablation, "fcntl", SimpleNamespace(**dict(vars(fcntl), flock=unsupported)))
+    assert maybe_run_ablation(["fit", "--config", str(write_ablation(tmp_path)), "--ablation.only=k1"]) == 0
+    assert "warning: cannot lock runs/mini/k1/seed_0/.lock (Function not implemented)" in capsys.readouterr().err
+    assert len(fits.commands) == 1
 
 
 def write_config(tmp_path, cfg: dict) -> Path:
