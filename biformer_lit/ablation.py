@@ -10,7 +10,8 @@ order, and (where parameter shapes agree) the initialisation. Before any run sta
 command (its config and the flags passed through) is parsed, and nothing built: a typo is one error.
 Re-running the same command skips finished runs and resumes interrupted ones from their last checkpoint;
 a run folder holding a run with other settings (config or flags; `--x 2` and `--x=2` are the same) is
-refused, never skipped nor resumed. An invocation claims its run folders (an flock on <run>/.lock, also
+refused, never skipped nor resumed, unless it saved no checkpoint (it failed or stopped before its first
+validation): that one is replaced. An invocation claims its run folders (an flock on <run>/.lock, also
 held by an arm's fit while it runs): a second invocation on any of them is refused, while other arms
 (SLURM array tasks) run at once. SIGTERM and SIGUSR1 to the runner (SLURM's preemption / time-limit
 signals) go on, as they are, to the running arms, which are then recorded interrupted; no further arm
@@ -33,6 +34,7 @@ import fcntl
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -262,19 +264,29 @@ def _differences(old: dict, new: dict, prefix: str = "") -> List[str]:
     return keys
 
 
-def check_same_settings(job: dict, current: dict) -> None:
+def check_same_settings(job: dict, current: dict) -> bool:
     """A run folder from other settings (say a shortened run, or the CPU config before the paper-scale
-    one) must not be skipped as finished nor resumed: refuse, naming what differs."""
-    recorded = read_arm(job["run_dir"]).get("settings")
+    one) must not be skipped as finished nor resumed: refuse, naming what differs. True where that run
+    saved no checkpoint (it failed or stopped before its first validation): nothing to lose, replace it."""
+    info = read_arm(job["run_dir"])
+    recorded = info.get("settings")
     if recorded is None:  # no earlier run (or one from before settings were kept)
-        return
+        return False
     recorded = dict(recorded, flags=normalised(recorded.get("flags", [])))  # recorded before flags were normalised
     if recorded == current:
-        return
+        return False
+    if info.get("status") != "finished" and not any((job["run_dir"] / "checkpoints").glob("*.ckpt")):
+        return True
     diff = _differences(recorded, current)
     raise AblationError(f"{job['run_dir']} holds a run with other settings ({'; '.join(diff[:3])}"
                         f"{'; ...' if len(diff) > 3 else ''}): use another --ablation.runs_dir, or delete "
                         "that folder to run it again")
+
+
+def clear(run_dir: Path) -> None:
+    for path in run_dir.iterdir():
+        if path.name != LOCK:  # the claimed lock file stays: a new one would be unclaimed
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def write_status(run_dir: Path, **info) -> None:
@@ -466,8 +478,12 @@ def maybe_run_ablation(argv: List[str]) -> Optional[int]:
 
 def run_jobs(p: dict, jobs: List[dict], passthrough: List[str]) -> int:
     """Skip the finished runs, run the others (p: the plan); the exit status."""
-    for j in jobs:
-        check_same_settings(j, settings(j, passthrough))
+    replaced = [j for j in jobs if check_same_settings(j, settings(j, passthrough))]
+    for j in replaced:
+        print(f"[ablation] {'would replace' if p['dry_run'] else 'replacing'} {_label(j)}: a run with other "
+              "settings that saved no checkpoint", flush=True)
+        if not p["dry_run"]:
+            clear(j["run_dir"])
     todo = [j for j in jobs if read_arm(j["run_dir"]).get("status") != "finished"]
     for j in jobs:
         if j not in todo:

@@ -351,6 +351,31 @@ def test_a_file_system_without_flock_runs_unclaimed(tmp_path, fits, monkeypatch,
     assert len(fits.commands) == 1
 
 
+def test_a_run_of_other_settings_that_saved_no_checkpoint_is_replaced(tmp_path, fits, capsys):
+    """A run that failed before its first checkpoint (say a bad model setting) refused the corrected
+    command; one that saved a checkpoint is still refused."""
+    path = write_ablation(tmp_path)
+    args = ["fit", "--config", str(path), "--ablation.only=[k1,k4]"]
+    fits.code = 2
+    assert maybe_run_ablation(args + ["--model.lr=-1"]) == 1
+    runs = tmp_path / "runs" / "mini"
+    (runs / "k1" / "seed_0" / "events.out.tfevents.1.host.1.0").write_text("the failed run's log")
+    (runs / "k4" / "seed_0" / "checkpoints").mkdir()
+    (runs / "k4" / "seed_0" / "checkpoints" / "last.ckpt").write_text("a checkpoint")
+    fits.code = 0
+    with pytest.raises(AblationError, match=r"runs/mini/k4/seed_0 holds a run with other settings"):
+        maybe_run_ablation(args + ["--model.lr=0.1"])
+    capsys.readouterr()
+    assert maybe_run_ablation(args[:-1] + ["--ablation.only=k1", "--model.lr=0.1", "--ablation.dry_run=true"]) == 0
+    assert "would replace k1/seed_0: a run with other settings that saved no checkpoint" in capsys.readouterr().out
+    assert (runs / "k1" / "seed_0" / "events.out.tfevents.1.host.1.0").exists()  # a dry run changes nothing
+    assert maybe_run_ablation(args[:-1] + ["--ablation.only=k1", "--model.lr=0.1"]) == 0
+    assert "replacing k1/seed_0: a run with other settings" in capsys.readouterr().out
+    assert sorted(p.name for p in (runs / "k1" / "seed_0").iterdir()) == [".lock", "arm.json", "config.yaml"]
+    info = json.loads((runs / "k1" / "seed_0" / "arm.json").read_text())
+    assert info["status"] == "finished" and info["settings"]["flags"] == ["--model.lr=0.1"]
+
+
 def write_config(tmp_path, cfg: dict) -> Path:
     path = tmp_path / "extra.yaml"
     path.write_text(yaml.safe_dump(cfg))
