@@ -416,6 +416,11 @@ def test_skip_finished_resume_interrupted_and_report(tmp_path):
     runs = tmp_path / "runs" / "mini"
     k1, k4 = runs / "k1" / "seed_0", runs / "k4" / "seed_0"
     assert json.loads((k1 / "arm.json").read_text())["status"] == "finished"
+    from biformer_lit.report import load_runs, make_report, summarize
+    fitted = load_runs(runs)[0]["scalars"]
+    cli(["validate", "--config", str(k1 / "config.yaml"), "--ckpt_path", str(k1 / "checkpoints" / "best-1.ckpt"),
+         *TINY[1:]], tmp_path)  # evaluating an arm logs into its folder: its report stays the fit's
+    assert len(list(k1.glob("events.out.tfevents.*"))) == 2 and load_runs(runs)[0]["scalars"] == fitted
     events_before = sorted(p.name for p in k1.glob("events.out.tfevents.*"))
     k4_events = sorted(p.name for p in k4.glob("events.out.tfevents.*"))
     both_epochs = val_steps(k4, k4_events[0])
@@ -434,7 +439,6 @@ def test_skip_finished_resume_interrupted_and_report(tmp_path):
     resumed = [f for f in sorted(p.name for p in k4.glob("events.out.tfevents.*")) if f not in k4_events]
     assert val_steps(k4, resumed[0]) == both_epochs[1:]  # only the second epoch: continued, not restarted
 
-    from biformer_lit.report import load_runs, make_report, summarize
     for run in load_runs(runs):  # the logged best includes the last epoch's validation
         top1 = [v for _, v in run["scalars"]["val/top1"]]
         assert run["scalars"]["best/val_top1"][-1][1] == pytest.approx(max(top1)), run["arm"]
@@ -444,6 +448,24 @@ def test_skip_finished_resume_interrupted_and_report(tmp_path):
         assert r["params_m"] > 0 and r["gflops"] > 0 and r["train_images_per_sec"] > 0 and r["top1_mean"] >= 0
     report = make_report(runs).read_text()
     assert "| k1 |" in report and "| k4 |" in report
+
+
+def test_evaluating_an_arm_leaves_its_report_alone(tmp_path):
+    """`cli.py validate --config <arm>/config.yaml` logs into the arm's folder, at step 0: that point joined
+    the arm's curve (and moved its mean val top-1 over epochs)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from biformer_lit.report import load_runs
+    run = tmp_path / "mini" / "k1" / "seed_0"
+    with SummaryWriter(run) as fit:
+        for step, top1 in [(0, 1.0), (9, 20.0), (19, 30.0)]:
+            fit.add_scalar("train/loss" if step == 0 else "val/top1", top1, step)
+        fit.add_scalar("best/val_top1", 30.0, 0)  # RunStats: also at step 0
+    with SummaryWriter(run) as validate:
+        validate.add_scalar("val/top1", 90.0, 0)
+        validate.add_scalar("epoch", 0.0, 0)
+    (scalars,) = [r["scalars"] for r in load_runs(tmp_path / "mini")]
+    assert scalars["val/top1"] == [(9, 20.0), (19, 30.0)] and scalars["best/val_top1"] == [(0, 30.0)]
+    assert "epoch" not in scalars
 
 
 @pytest.mark.parametrize("data", ["imagenet", "cifar100"])
