@@ -48,9 +48,18 @@ def _run_root(event_dir: Path, top: Path) -> Path:
     return event_dir
 
 
+def _evaluation(scalars: dict) -> bool:
+    """An event file of `validate` / `test` given a run's own config (an ablation arm's pins the logger to
+    the run's folder): Lightning (its logger adds `epoch` to every point) logs them at step 0, since they
+    don't restore the training step; a fit logs past step 0."""
+    return "epoch" in scalars and {e.step for events in scalars.values() for e in events} == {0}
+
+
 def _merge(files: list[Path]) -> dict[str, list[tuple[int, float]]]:
-    """Merge event files of one run; for a step logged more than once the latest value wins."""
+    """Merge the fit's event files of one run (evaluations left out); for a step logged more than once the
+    latest value wins."""
     per_file = [_read_event_file(f) for f in files]
+    kept = [i for i in range(len(files)) if not _evaluation(per_file[i])]
 
     # A resumed run appends a newer file: order files by their first wall time (then name),
     # so overwriting in that order keeps the most recent value of each step.
@@ -58,7 +67,7 @@ def _merge(files: list[Path]) -> dict[str, list[tuple[int, float]]]:
         times = [e.wall_time for events in scalars.values() for e in events]
         return min(times) if times else math.inf
 
-    order = sorted(range(len(files)), key=lambda i: (first_time(per_file[i]), files[i].name))
+    order = sorted(kept, key=lambda i: (first_time(per_file[i]), files[i].name))
     merged: dict[str, dict[int, float]] = {}
     for i in order:
         for tag, events in per_file[i].items():

@@ -1,10 +1,16 @@
 """The ablation runner: shipped YAMLs, arm selection, skip-finished / resume-interrupted, report."""
+import fcntl
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -105,6 +111,44 @@ def test_bad_ablation_values_are_rejected(tmp_path, flag, match):
         maybe_run_ablation(["fit", "--config", str(path), flag, "--ablation.dry_run=true"])
 
 
+@pytest.mark.parametrize("flag,match", [
+    ("--ablation.name=[a,b]", r"ablation.name=\['a', 'b'\]; allowed: a folder name \(no '/'\)"),
+    ("--ablation.name=..", r"ablation.name='..'; allowed: a folder name"),
+    ("--ablation.runs_dir=[a]", r"ablation.runs_dir=\['a'\]; allowed: a folder path"),
+    ("--ablation.visualize=maybe", r"ablation.visualize='maybe'; allowed: true or false"),
+    ("--ablation.dry_run=0.5", r"ablation.dry_run=0.5; allowed: true or false"),
+    ("--ablation.seeds=[0,0]", r"ablation.seeds=\[0, 0\]; allowed: distinct integers >= 0"),
+    ("--ablation.only=[]", r"--ablation.only=\[\]; allowed: an arm name or a non-empty list of them; arms: k1, k4"),
+    ("--ablation.arms=[{name: x, overrides: 3}]", r"ablation.arms\[0\].overrides=3; allowed: a mapping of dotted"),
+    ("--ablation.arms=[{name: x, overides: {model.lr: 1}}]",
+     r"ablation.arms\[0\] \(x\): unknown key\(s\) \['overides'\]; allowed: name, overrides"),
+    ("--ablation.arms=[x]", r"ablation.arms\[0\]='x'; allowed: \{name: ..., overrides"),
+    ("--ablation.arms=[{name: [x]}]", r"ablation.arms\[0\].name=\['x'\]; allowed: a folder name"),
+])
+def test_wrong_types_and_silent_mistakes_are_rejected(tmp_path, flag, match):
+    """Each was a traceback, or taken silently (bool('maybe'), a misspelled arm key running the base config,
+    one seed twice, no arm at all)."""
+    path = write_ablation(tmp_path)
+    with pytest.raises(AblationError, match=match):  # the flag last: it overrides the dry run too
+        maybe_run_ablation(["fit", "--config", str(path), "--ablation.dry_run=true", flag])
+
+
+def test_numbers_are_names(tmp_path, capsys, monkeypatch):
+    """`name: 1` (YAML reads a number) and --ablation.runs_dir=2024 name folders, as text."""
+    monkeypatch.chdir(tmp_path)
+    path = write_ablation(tmp_path)
+    args = ["fit", "--config", str(path), "--ablation.dry_run=true", "--ablation.runs_dir=2024", "--ablation.name=7",
+            "--ablation.arms=[{name: 1, overrides: {model.lr: 0.01}}, {name: 2}]", "--ablation.only=2"]
+    assert maybe_run_ablation(args) == 0
+    assert f"would run 2/seed_0 -> {Path('2024', '7', '2', 'seed_0')}" in capsys.readouterr().out
+
+
+def test_a_section_that_is_not_a_mapping_is_rejected(tmp_path):
+    (tmp_path / "a.yaml").write_text("model: {lr: 0.1}\nablation: [k1, k4]\n")
+    with pytest.raises(AblationError, match=r"the ablation section holds a list; allowed: a mapping"):
+        maybe_run_ablation(["fit", "--config", str(tmp_path / "a.yaml"), "--ablation.dry_run=true"])
+
+
 @pytest.mark.parametrize("text,match", [("model: [1, 2\n", "is not valid YAML"),
                                         ("- model\n- data\n", "holds a list; allowed: a mapping of sections")])
 def test_bad_config_files_are_rejected(tmp_path, text, match):
@@ -113,13 +157,43 @@ def test_bad_config_files_are_rejected(tmp_path, text, match):
         maybe_run_ablation(["fit", "--config", str(tmp_path / "bad.yaml")])
 
 
-def test_a_run_from_other_settings_is_neither_skipped_nor_resumed(tmp_path, monkeypatch, capsys):
-    """A finished shortened run (or the CPU config before the paper-scale one) in the same folder: refused,
-    naming what differs; the same settings again: skipped."""
+@pytest.fixture
+def fits(monkeypatch, tmp_path):
+    """Each arm's `fit` process "finishes" at once with fits.code (0); fits.commands: those started;
+    fits.claimed: whether each one's run folder was claimed (locked) while it ran. With
+    fits.signal set, a process sends that signal to the runner (as SLURM would) and exits -signal once the
+    runner has passed it on (fits.received)."""
     from biformer_lit import ablation
     monkeypatch.chdir(tmp_path)
+    fake = SimpleNamespace(commands=[], code=0, signal=None, received=[], claimed=[])
+
+    class Process:
+        pid = 4321
+
+        def __init__(self, cmd, **kwargs):
+            fake.commands.append(cmd)
+            fake.claimed.append(claimed(Path(cmd[cmd.index("--config") + 1]).parent))
+            self.passed_on = threading.Event()
+
+        def send_signal(self, signum):
+            fake.received.append(signum)
+            self.passed_on.set()
+
+        def wait(self):
+            if fake.signal is None:
+                return fake.code
+            os.kill(os.getpid(), fake.signal)
+            return -fake.signal if self.passed_on.wait(timeout=30) else fake.code
+
+    call = lambda cmd, **kw: fake.commands.append(cmd) or fake.code  # noqa: E731 (--help, --print_config)
+    monkeypatch.setattr(ablation, "subprocess", SimpleNamespace(**dict(vars(subprocess), Popen=Process, call=call)))
+    return fake
+
+
+def test_a_run_from_other_settings_is_neither_skipped_nor_resumed(tmp_path, fits, capsys):
+    """A finished shortened run (or the CPU config before the paper-scale one) in the same folder: refused,
+    naming what differs; the same settings again: skipped."""
     path = write_ablation(tmp_path)
-    monkeypatch.setattr(ablation.subprocess, "call", lambda cmd, **kw: 0)  # each run "finishes" at once
     short = ["fit", "--config", str(path), "--ablation.only=k1", "--trainer.max_epochs=1"]
     assert maybe_run_ablation(short) == 0
     assert maybe_run_ablation(short) == 0 and "skip finished k1/seed_0" in capsys.readouterr().out
@@ -128,6 +202,178 @@ def test_a_run_from_other_settings_is_neither_skipped_nor_resumed(tmp_path, monk
         maybe_run_ablation(short[:-1])
     with pytest.raises(AblationError, match=r"config.model.lr: 0.001 -> 0.5"):
         maybe_run_ablation(short + ["--config", str(write_config(tmp_path, {"model": {"lr": 0.5}}))])
+
+
+def test_a_flag_written_either_way_is_the_same_setting(tmp_path, fits, capsys):
+    """`--key value` and `--key=value`: recorded alike, so the rerun is skipped, not refused as other settings;
+    also against a folder recorded before flags were normalised."""
+    path = write_ablation(tmp_path)
+    args = ["fit", "--config", str(path), "--ablation.only=k1"]
+    assert maybe_run_ablation(args + ["--trainer.max_epochs", "1", "--model.lr", "-1e-3"]) == 0
+    status = tmp_path / "runs" / "mini" / "k1" / "seed_0" / "arm.json"
+    info = json.loads(status.read_text())
+    assert info["settings"]["flags"] == ["--trainer.max_epochs=1", "--model.lr=-1e-3"]
+    assert "--trainer.max_epochs=1" in fits.commands[-1]
+    capsys.readouterr()
+    assert maybe_run_ablation(args + ["--trainer.max_epochs=1", "--model.lr=-1e-3"]) == 0
+    assert "skip finished k1/seed_0" in capsys.readouterr().out
+    status.write_text(json.dumps(dict(info, settings=dict(info["settings"], flags=[
+        "--trainer.max_epochs", "1", "--model.lr", "-1e-3"]))))
+    assert maybe_run_ablation(args + ["--trainer.max_epochs=1", "--model.lr=-1e-3"]) == 0
+    assert "skip finished k1/seed_0" in capsys.readouterr().out
+    assert len(fits.commands) == 1
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--model.lrr", "1e-3"], r"^arm k1: unrecognized arguments: --model.lrr=1e-3 \(did you mean --model.lr\?\) "
+                              r"\(no run started\)$"),
+    (["--trainer.max_epochs=two"], r"^arm k1: Parser key \"trainer.max_epochs\":.*Given value: two"),
+    (["--ablation.arms=[{name: a}, {name: b, overrides: {model.wd: 1}}]"],
+     r"^arm b: Group 'model' does not accept option 'wd'"),
+])
+def test_a_bad_flag_or_override_is_found_before_any_run_starts(tmp_path, fits, flags, match):
+    """It made every arm's `fit` fail (exit 2), and the failed folder then refused the corrected command."""
+    path = write_ablation(tmp_path)
+    with pytest.raises(AblationError, match=re.compile(match, re.S)):
+        maybe_run_ablation(["fit", "--config", str(path), *flags])
+    assert fits.commands == [] and not (tmp_path / "runs").exists()
+
+
+def test_class_help_flags_train_nothing(tmp_path, fits, capsys):
+    """--trainer.strategy.help CLASS answers (exit 0) like --help: no arm may run it and be recorded finished."""
+    path = write_ablation(tmp_path)
+    assert maybe_run_ablation(["fit", "--config", str(path), "--trainer.strategy.help", "DDPStrategy"]) == 0
+    assert fits.commands[0][-1] == "--trainer.strategy.help=DDPStrategy" and len(fits.commands) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_to_the_runner_reaches_the_arm_and_no_further_run_starts(tmp_path, fits, signum, capsys):
+    """SLURM signals the runner (SIGTERM: preemption, time limit; SIGUSR1: --signal=SIGUSR1@120): the running
+    arm gets the signal as it is, is recorded interrupted, and the runner exits 128 + signal."""
+    path = write_ablation(tmp_path)
+    fits.signal = signum
+    ignore = lambda *args: None  # noqa: E731 (were the signal not handled, it must not end pytest)
+    previous = signal.signal(signum, ignore)
+    try:
+        assert maybe_run_ablation(["fit", "--config", str(path), "--ablation.only=[k1,k4]"]) == 128 + signum
+        assert signal.getsignal(signum) is ignore  # the runner's handler is gone again
+    finally:
+        signal.signal(signum, previous)
+    assert fits.received == [signum] and len(fits.commands) == 1
+    runs = tmp_path / "runs" / "mini"
+    assert json.loads((runs / "k1" / "seed_0" / "arm.json").read_text())["status"] == "interrupted"
+    assert not (runs / "k4" / "seed_0" / "arm.json").exists()
+    assert f"stopped by {signum.name}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("parallel,where", [(1, r"\(see their output above\)"),
+                                            (2, r"\(see their runs/mini/k1/seed_0/stdout.log, runs/mini/k4/")])
+def test_a_failed_run_says_where_its_output_is(tmp_path, fits, capsys, parallel, where):
+    """One at a time, an arm's output goes to the terminal (its stdout.log stayed empty, yet was named)."""
+    path = write_ablation(tmp_path)
+    fits.code = 3
+    args = ["fit", "--config", str(path), "--ablation.only=[k1,k4]", f"--ablation.parallel={parallel}"]
+    assert maybe_run_ablation(args) == 1
+    assert re.search(r"error: 2 run\(s\) failed: k1/seed_0, k4/seed_0 " + where, capsys.readouterr().err)
+    assert json.loads((tmp_path / "runs/mini/k1/seed_0/arm.json").read_text())["status"] == "failed (exit 3)"
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_runner_checkpoints_the_running_arm(tmp_path):
+    """The real thing: the runner used to exit at once and leave the arm's fit running, orphaned (no
+    preemption checkpoint, status "running", a rerun started a second process on the arm)."""
+    path = write_ablation(tmp_path)
+    k1 = tmp_path / "runs" / "mini" / "k1" / "seed_0"
+    args = ["fit", "--config", str(path), "--ablation.only=[k1,k4]", *TINY[1:], "--trainer.max_epochs=1000"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    with open(tmp_path / "out.txt", "w") as out:
+        runner = subprocess.Popen([sys.executable, str(REPO / "cli.py"), *args], cwd=tmp_path, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT)
+    pid = None
+    try:
+        while not (k1 / "checkpoints" / "last.ckpt").exists() and runner.poll() is None:  # training: past epoch 0
+            time.sleep(0.2)
+        pid = json.loads((k1 / "arm.json").read_text()).get("pid")
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=300) == 143, (tmp_path / "out.txt").read_text()[-3000:]
+    finally:
+        runner.kill()
+        if pid:  # the arm's process, should it have been left running
+            subprocess.run(["kill", "-9", str(pid)], capture_output=True)
+    out = (tmp_path / "out.txt").read_text()
+    assert "interrupted by SIGTERM: last.ckpt saved" in out  # the arm's fit: its preemption checkpoint
+    assert json.loads((k1 / "arm.json").read_text())["status"] == "interrupted"
+    assert "start k4" not in out and not (tmp_path / "runs" / "mini" / "k4" / "seed_0" / "arm.json").exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def claimed(run_dir: Path) -> bool:
+    """Whether another process holds the run folder's lock."""
+    with open(run_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def test_a_run_is_claimed_while_it_runs_and_a_second_invocation_refused(tmp_path, fits):
+    """Two invocations on one arm ran it into one folder at once; other arms (SLURM array tasks) may run."""
+    path = write_ablation(tmp_path)
+    args = ["fit", "--config", str(path)]
+    k1 = tmp_path / "runs" / "mini" / "k1" / "seed_0"
+    k1.mkdir(parents=True)
+    with open(k1 / ".lock", "a+") as other:  # another invocation is running k1
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("pid 99 on node7")
+        other.flush()
+        with pytest.raises(AblationError, match=r"runs/mini/k1/seed_0 is being run by another invocation "
+                                                r"\(pid 99 on node7\): wait for it to end, or select other arms"):
+            maybe_run_ablation(args + ["--ablation.only=[k4,k1]"])
+        assert fits.commands == []  # refused before any run started
+        assert maybe_run_ablation(args + ["--ablation.index=1"]) == 0  # k4
+    assert maybe_run_ablation(args + ["--ablation.only=k1"]) == 0  # the other invocation ended
+    assert len(fits.commands) == 2 and fits.claimed == [True, True]
+    assert not claimed(k1)  # released at the end
+
+
+def test_a_file_system_without_flock_runs_unclaimed(tmp_path, fits, monkeypatch, capsys):
+    from biformer_lit import ablation
+
+    def unsupported(fd, op):
+        raise OSError(38, "Function not implemented")
+    monkeypatch.setattr(ablation, "fcntl", SimpleNamespace(**dict(vars(fcntl), flock=unsupported)))
+    assert maybe_run_ablation(["fit", "--config", str(write_ablation(tmp_path)), "--ablation.only=k1"]) == 0
+    assert "warning: cannot lock runs/mini/k1/seed_0/.lock (Function not implemented)" in capsys.readouterr().err
+    assert len(fits.commands) == 1
+
+
+def test_a_run_of_other_settings_that_saved_no_checkpoint_is_replaced(tmp_path, fits, capsys):
+    """A run that failed before its first checkpoint (say a bad model setting) refused the corrected
+    command; one that saved a checkpoint is still refused."""
+    path = write_ablation(tmp_path)
+    args = ["fit", "--config", str(path), "--ablation.only=[k1,k4]"]
+    fits.code = 2
+    assert maybe_run_ablation(args + ["--model.lr=-1"]) == 1
+    runs = tmp_path / "runs" / "mini"
+    (runs / "k1" / "seed_0" / "events.out.tfevents.1.host.1.0").write_text("the failed run's log")
+    (runs / "k4" / "seed_0" / "checkpoints").mkdir()
+    (runs / "k4" / "seed_0" / "checkpoints" / "last.ckpt").write_text("a checkpoint")
+    fits.code = 0
+    with pytest.raises(AblationError, match=r"runs/mini/k4/seed_0 holds a run with other settings"):
+        maybe_run_ablation(args + ["--model.lr=0.1"])
+    capsys.readouterr()
+    assert maybe_run_ablation(args[:-1] + ["--ablation.only=k1", "--model.lr=0.1", "--ablation.dry_run=true"]) == 0
+    assert "would replace k1/seed_0: a run with other settings that saved no checkpoint" in capsys.readouterr().out
+    assert (runs / "k1" / "seed_0" / "events.out.tfevents.1.host.1.0").exists()  # a dry run changes nothing
+    assert maybe_run_ablation(args[:-1] + ["--ablation.only=k1", "--model.lr=0.1"]) == 0
+    assert "replacing k1/seed_0: a run with other settings" in capsys.readouterr().out
+    assert sorted(p.name for p in (runs / "k1" / "seed_0").iterdir()) == [".lock", "arm.json", "config.yaml"]
+    info = json.loads((runs / "k1" / "seed_0" / "arm.json").read_text())
+    assert info["status"] == "finished" and info["settings"]["flags"] == ["--model.lr=0.1"]
 
 
 def write_config(tmp_path, cfg: dict) -> Path:
@@ -170,6 +416,11 @@ def test_skip_finished_resume_interrupted_and_report(tmp_path):
     runs = tmp_path / "runs" / "mini"
     k1, k4 = runs / "k1" / "seed_0", runs / "k4" / "seed_0"
     assert json.loads((k1 / "arm.json").read_text())["status"] == "finished"
+    from biformer_lit.report import load_runs, make_report, summarize
+    fitted = load_runs(runs)[0]["scalars"]
+    cli(["validate", "--config", str(k1 / "config.yaml"), "--ckpt_path", str(k1 / "checkpoints" / "best-1.ckpt"),
+         *TINY[1:]], tmp_path)  # evaluating an arm logs into its folder: its report stays the fit's
+    assert len(list(k1.glob("events.out.tfevents.*"))) == 2 and load_runs(runs)[0]["scalars"] == fitted
     events_before = sorted(p.name for p in k1.glob("events.out.tfevents.*"))
     k4_events = sorted(p.name for p in k4.glob("events.out.tfevents.*"))
     both_epochs = val_steps(k4, k4_events[0])
@@ -188,7 +439,6 @@ def test_skip_finished_resume_interrupted_and_report(tmp_path):
     resumed = [f for f in sorted(p.name for p in k4.glob("events.out.tfevents.*")) if f not in k4_events]
     assert val_steps(k4, resumed[0]) == both_epochs[1:]  # only the second epoch: continued, not restarted
 
-    from biformer_lit.report import load_runs, make_report, summarize
     for run in load_runs(runs):  # the logged best includes the last epoch's validation
         top1 = [v for _, v in run["scalars"]["val/top1"]]
         assert run["scalars"]["best/val_top1"][-1][1] == pytest.approx(max(top1)), run["arm"]
@@ -198,6 +448,24 @@ def test_skip_finished_resume_interrupted_and_report(tmp_path):
         assert r["params_m"] > 0 and r["gflops"] > 0 and r["train_images_per_sec"] > 0 and r["top1_mean"] >= 0
     report = make_report(runs).read_text()
     assert "| k1 |" in report and "| k4 |" in report
+
+
+def test_evaluating_an_arm_leaves_its_report_alone(tmp_path):
+    """`cli.py validate --config <arm>/config.yaml` logs into the arm's folder, at step 0: that point joined
+    the arm's curve (and moved its mean val top-1 over epochs)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from biformer_lit.report import load_runs
+    run = tmp_path / "mini" / "k1" / "seed_0"
+    with SummaryWriter(run) as fit:
+        for step, top1 in [(0, 1.0), (9, 20.0), (19, 30.0)]:
+            fit.add_scalar("train/loss" if step == 0 else "val/top1", top1, step)
+        fit.add_scalar("best/val_top1", 30.0, 0)  # RunStats: also at step 0
+    with SummaryWriter(run) as validate:
+        validate.add_scalar("val/top1", 90.0, 0)
+        validate.add_scalar("epoch", 0.0, 0)
+    (scalars,) = [r["scalars"] for r in load_runs(tmp_path / "mini")]
+    assert scalars["val/top1"] == [(9, 20.0), (19, 30.0)] and scalars["best/val_top1"] == [(0, 30.0)]
+    assert "epoch" not in scalars
 
 
 @pytest.mark.parametrize("data", ["imagenet", "cifar100"])
