@@ -368,8 +368,8 @@ def claimed(run_dir: Path):
 
 class Children:
     """The arms' running `fit` processes. While entered (in the main thread, where signal handlers run; the
-    arms wait in pool threads), SIGTERM and SIGUSR1 to the runner go on to them as they are; after a
-    signal no further run starts."""
+    arms wait in pool threads), SIGTERM and SIGUSR1 to the runner go on to them (SIGUSR1 as SIGTERM outside
+    SLURM, where a run does not handle it); after a signal no further run starts."""
 
     def __init__(self):
         self.lock = threading.RLock()  # re-entrant: a second signal may arrive while the first is passed on
@@ -378,6 +378,9 @@ class Children:
         self._handlers = {}
 
     def __enter__(self):
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+        # a run handles SIGUSR1 (save, requeue) only under SLURM; elsewhere it would just die of it
+        self.usr1_as = signal.SIGUSR1 if SLURMEnvironment.detect() else signal.SIGTERM
         if threading.current_thread() is threading.main_thread():
             self._handlers = {s: signal.signal(s, self.stop) for s in FORWARDED}
         return self
@@ -404,7 +407,7 @@ class Children:
         self.stopped_by = signum
         with self.lock:
             for proc in self.running if forward else ():
-                proc.send_signal(signum)
+                proc.send_signal(self.usr1_as if signum == signal.SIGUSR1 else signum)
 
 
 def run_one(job: dict, passthrough: List[str], slot: int, children: Children) -> Optional[int]:

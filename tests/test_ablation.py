@@ -247,10 +247,19 @@ def test_class_help_flags_train_nothing(tmp_path, fits, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_signal_to_the_runner_reaches_the_arm_and_no_further_run_starts(tmp_path, fits, signum, capsys):
+@pytest.mark.parametrize("signum,slurm,received", [(signal.SIGTERM, False, signal.SIGTERM),
+                                                   (signal.SIGUSR1, True, signal.SIGUSR1),
+                                                   (signal.SIGUSR1, False, signal.SIGTERM)])
+def test_a_signal_to_the_runner_reaches_the_arm_and_no_further_run_starts(tmp_path, fits, signum, slurm, received,
+                                                                          capsys, monkeypatch):
     """SLURM signals the runner (SIGTERM: preemption, time limit; SIGUSR1: --signal=SIGUSR1@120): the running
-    arm gets the signal as it is, is recorded interrupted, and the runner exits 128 + signal."""
+    arm gets it (SIGUSR1 as SIGTERM outside SLURM, where a run would die of it without a checkpoint), is
+    recorded interrupted, and the runner exits 128 + signal."""
+    for key in ("SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    if slurm:
+        monkeypatch.setenv("SLURM_NTASKS", "1")
+        monkeypatch.setenv("SLURM_JOB_NAME", "ablation")
     path = write_ablation(tmp_path)
     fits.signal = signum
     ignore = lambda *args: None  # noqa: E731 (were the signal not handled, it must not end pytest)
@@ -260,7 +269,7 @@ def test_a_signal_to_the_runner_reaches_the_arm_and_no_further_run_starts(tmp_pa
         assert signal.getsignal(signum) is ignore  # the runner's handler is gone again
     finally:
         signal.signal(signum, previous)
-    assert fits.received == [signum] and len(fits.commands) == 1
+    assert fits.received == [received] and len(fits.commands) == 1
     runs = tmp_path / "runs" / "mini"
     assert json.loads((runs / "k1" / "seed_0" / "arm.json").read_text())["status"] == "interrupted"
     assert not (runs / "k4" / "seed_0" / "arm.json").exists()
