@@ -239,6 +239,21 @@ def test_callback_logs_images_to_tensorboard(tmp_path):
     assert img.step == trainer.global_step and img.width > 300
     torch.testing.assert_close(cb.images, data.tensors[0][:2])  # the fixed images: first of the val batch
     assert all(m.capture is False and m.captured is None for m in all_mixers(module))
+    assert cb.display_stats(trainer) == (V.IMAGENET_MEAN, V.IMAGENET_STD)  # no datamodule: ImageNet's
+
+
+def test_callback_undoes_the_datamodule_normalisation():
+    """The synthetic task is normalised with its own pixel statistics: pictures undo those (ImageNet's
+    tinted its grey and clipped its white)."""
+    from biformer_lit.data import ImageDataModule
+    dm = ImageDataModule(img_size=64, batch_size=4, train_size=8, val_size=4)
+    mean, std = RoutingVisualizer().display_stats(SimpleNamespace(datamodule=dm))
+    assert (mean, std) == dm.normalisation and mean == (dm.val_set.mean,) * 3
+    assert RoutingVisualizer(mean=None, std=None).display_stats(SimpleNamespace(datamodule=dm)) == (None, None)
+    x = dm.val_set[0][0]
+    unnormalised = float(x.mean() * dm.val_set.std + dm.val_set.mean)  # to_display clips the odd pixel
+    assert abs(V.to_display(x, mean, std).mean() - unnormalised) < 2e-3
+    assert abs(V.to_display(x).mean() - unnormalised) > 0.05  # ImageNet's statistics: visibly off
 
 
 # --------------------------------------------------------------------------- off = no change

@@ -5,7 +5,7 @@ successive epochs show how the routing of the same images evolves. Capture is sw
 the one extra forward the pictures need (visualize.record_layers restores every flag afterwards);
 without this callback nothing of it runs.
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import lightning as L
 import torch
@@ -29,11 +29,13 @@ class RoutingVisualizer(L.Callback):
     stage; `stages` None = all stages). Sanity-check validation only picks the images.
 
     query_regions: region ids drawn in the left panel (default: three spread-out regions).
-    mean / std: the normalisation of the validation images, undone for display (None: already [0, 1]).
+    mean / std: the normalisation of the validation images, undone for display (None: already [0, 1];
+    "data": the datamodule's `normalisation`, or ImageNet's without one).
     """
 
     def __init__(self, num_images: int = 2, every_n_epochs: int = 1, query_regions: Optional[Sequence[int]] = None,
-                 stages: Optional[Sequence[int]] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 stages: Optional[Sequence[int]] = None, mean: Union[str, Sequence[float], None] = "data",
+                 std: Union[str, Sequence[float], None] = "data"):
         if num_images < 1 or every_n_epochs < 1:
             raise ValueError(f"num_images={num_images}, every_n_epochs={every_n_epochs}; both must be >= 1")
         self.num_images, self.every_n_epochs = num_images, every_n_epochs
@@ -41,6 +43,12 @@ class RoutingVisualizer(L.Callback):
         self.stages = list(stages) if stages is not None else None
         self.mean, self.std = mean, std
         self.images: Optional[torch.Tensor] = None
+
+    def display_stats(self, trainer):
+        """(mean, std) to undo for display: as given, or "data" resolved from the trainer's datamodule."""
+        data = getattr(getattr(trainer, "datamodule", None), "normalisation", (IMAGENET_MEAN, IMAGENET_STD))
+        return (data[0] if isinstance(self.mean, str) else self.mean,
+                data[1] if isinstance(self.std, str) else self.std)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if self.images is None and batch_idx == 0 and dataloader_idx == 0:
@@ -60,9 +68,10 @@ class RoutingVisualizer(L.Callback):
         if not writers:
             return
         records = record_layers(pl_module, self.images, select_layers(pl_module, self.stages))
+        mean, std = self.display_stats(trainer)
         for rec in records:
             for i in range(self.images.shape[0]):
-                fig = routing_figure(self.images[i], rec, self.query_regions, batch=i, mean=self.mean, std=self.std)
+                fig = routing_figure(self.images[i], rec, self.query_regions, batch=i, mean=mean, std=std)
                 chw = figure_to_array(fig).transpose(2, 0, 1)
                 for writer in writers:
                     writer.add_image(f"routing/stage{rec.stage}_{rec.kind}/img{i}", chw, trainer.global_step)

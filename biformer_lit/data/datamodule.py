@@ -122,6 +122,14 @@ class ImageDataModule(L.LightningDataModule):
                 self.test_set = ImageFolderDataset(self.root, "test", val_tf, hp.skip_corrupt,
                                                    classes=self.train_set.classes)
 
+    @property
+    def normalisation(self):
+        """(mean, std) per channel of the normalised images: what a picture of them undoes for display."""
+        if self.dataset == "synthetic":
+            self.setup()
+            return (self.val_set.mean,) * 3, (self.val_set.std,) * 3
+        return CIFAR_STATS[self.dataset] if self.dataset in CIFAR else IMAGENET_STATS
+
     def _loader(self, split: str) -> DataLoader:
         self.setup()  # no-op once done; lets the loaders be used without a Trainer
         ds = dict(train=self.train_set, val=self.val_set, test=self.test_set)[split]
