@@ -218,10 +218,15 @@ class ClassificationModule(L.LightningModule):
             loss = self.train_loss(self(x).float(), target)
         else:
             loss = F.cross_entropy(self(x).float(), y, label_smoothing=self.hparams.label_smoothing)
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        # decided by all processes together: one rank stopping alone left the others in a collective,
+        # to fail with a connection error (gloo) or wait for the timeout (NCCL)
+        trainer = self._trainer  # None when called outside a Trainer
+        if not (trainer.strategy.reduce_boolean_decision(finite, all=True) if trainer else finite):
             # stop before the optimizer step writes NaNs into the weights; the checkpoints on disk are the
             # last good ones (see biformer_lit.reliability)
-            raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at global step {self.global_step}, "
+            where = f"({loss.item()})" if not finite else "on another process"
+            raise NonFiniteLossError(f"non-finite training loss {where} at global step {self.global_step}, "
                                      f"epoch {self.current_epoch}, batch {batch_idx}: stopping; the last good "
                                      f"checkpoint is kept (resume with --ckpt_path last, e.g. with a lower lr)")
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True,

@@ -102,6 +102,39 @@ def test_non_finite_loss_stops_with_step_and_batch():
 
 
 @pytest.mark.slow
+def test_a_nan_on_one_ddp_process_stops_every_process_cleanly(tmp_path):
+    """A non-finite loss on rank 1 only: both processes stop with the error (rank 0 used to die in the
+    next collective with a gloo connection error and a traceback; with NCCL it would wait for the timeout)."""
+    script = tmp_path / "nan_on_rank1.py"
+    script.write_text(f"""
+import sys, lightning as L
+sys.path.insert(0, {str(REPO)!r})
+from biformer_lit.data import ImageDataModule
+from biformer_lit.module import ClassificationModule, NonFiniteLossError
+
+class NanOnRank1(ClassificationModule):
+    def training_step(self, batch, i):
+        x, y = batch
+        return super().training_step((x * float("nan") if self.global_rank == 1 and self.global_step == 1 else x, y), i)
+
+L.seed_everything(0)
+m = NanOnRank1(num_classes=4, img_size=64, warmup_epochs=0, mixup=0, cutmix=0, model_kwargs=dict(depths=[1, 1, 1, 1]))
+trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+try:
+    trainer.fit(m, ImageDataModule(batch_size=4, train_size=32, val_size=8))
+except NonFiniteLossError as e:
+    print(f"rank {{trainer.global_rank}} stopped: {{e}}", flush=True)
+    sys.exit(2)
+""")
+    res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "rank 1 stopped: non-finite training loss (nan) at global step 1" in res.stdout
+    assert "rank 0 stopped: non-finite training loss on another process at global step 1" in res.stdout, res.stdout
+
+
+@pytest.mark.slow
 def test_diverging_run_exits_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
     """lr 1e6 blows the weights up within a few steps: a short `error:`, exit 2, last.ckpt from before."""
     proc = start(RUN + ["--model.lr", "1e6", "--model.warmup_steps", "0", "--trainer.max_epochs", "8"], tmp_path)
