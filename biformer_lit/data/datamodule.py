@@ -152,7 +152,10 @@ class ImageDataModule(L.LightningDataModule):
             ds = EpochSeededDataset(ds, self.seed)
         elif distributed and len(ds) >= world:  # (fewer images than processes: Lightning's padded sampler)
             sampler = EvalShardSampler(len(ds), rank, world)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=train,
+        # a generator of its own: without one, every new iterator draws its base seed from the global
+        # RNG, whose stream (drop path, Mixup) would then depend on when the loader was started
+        gen = torch.Generator().manual_seed(self.seed) if train else None
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=train, generator=gen,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0)
 
