@@ -149,7 +149,8 @@ class ImageDataModule(L.LightningDataModule):
             sampler = EpochShuffleSampler(len(ds), self.seed, rank, world)
             if self.trainer is not None:  # the value Lightning's set_epoch will give
                 sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
-            ds = EpochSeededDataset(ds, self.seed)
+            # the synthetic task's images are already functions of (seed, split, index) and not augmented
+            ds = EpochSeededDataset(ds, None if self.dataset == "synthetic" else self.seed)
         elif distributed and len(ds) >= world:  # (fewer images than processes: Lightning's padded sampler)
             sampler = EvalShardSampler(len(ds), rank, world)
         # a generator of its own: without one, every new iterator draws its base seed from the global
