@@ -23,4 +23,7 @@ def storage_error(e: BaseException) -> Optional[str]:
     found = storage_oserror(e)
     if found is None:
         return None
-    return f"cannot write {found.filename}: {found.strerror}" if found.filename else str(found.strerror or found)
+    if not found.filename:
+        return str(found.strerror or found)
+    verb = "cannot access" if found.errno in (errno.EACCES, errno.EPERM) else "cannot write"  # reading too
+    return f"{verb} {found.filename}: {found.strerror}"

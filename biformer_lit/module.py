@@ -228,7 +228,9 @@ class ClassificationModule(L.LightningModule):
             where = f"({loss.item()})" if not finite else "on another process"
             raise NonFiniteLossError(f"non-finite training loss {where} at global step {self.global_step}, "
                                      f"epoch {self.current_epoch}, batch {batch_idx}: stopping; the last good "
-                                     f"checkpoint is kept (resume with --ckpt_path last, e.g. with a lower lr)")
+                                     f"checkpoint is kept (--ckpt_path last resumes it with its own settings; "
+                                     f"for a lower lr start a new run from its weights: --model.init_from FILE "
+                                     f"--model.lr ...)")
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True,
                  batch_size=x.size(0))
         # the lr this step uses (the scheduler steps after the optimizer)

@@ -73,12 +73,17 @@ class PreemptionCheckpoint(L.Callback):
     _previous_sigusr1 = None
 
     def setup(self, trainer, pl_module, stage):
-        # installed before Lightning registers its handlers, which then leaves SIGUSR1 to this one
-        if stage == "fit" and SLURMEnvironment.detect():
+        # installed before Lightning registers its handlers, which then leaves SIGUSR1 to this one (also
+        # outside fit: Lightning's would write an hpc_ckpt there; validate / test / predict just go on)
+        if SLURMEnvironment.detect():
             self._requeue = False
-            self._previous_sigusr1 = signal.signal(signal.SIGUSR1, self._on_requeue_signal)
+            handler = self._on_requeue_signal if stage == "fit" else signal.SIG_IGN
+            self._previous_sigusr1 = signal.signal(signal.SIGUSR1, handler)
 
     def teardown(self, trainer, pl_module, stage):
+        self._restore_sigusr1()
+
+    def _restore_sigusr1(self):
         if self._previous_sigusr1 is not None:
             signal.signal(signal.SIGUSR1, self._previous_sigusr1)
             self._previous_sigusr1 = None
@@ -89,6 +94,7 @@ class PreemptionCheckpoint(L.Callback):
             signal.raise_signal(signal.SIGTERM)  # stop after the batch in flight, as a pre-emption
 
     def on_exception(self, trainer, pl_module, exception):
+        self._restore_sigusr1()  # Lightning skips teardown after an exception
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
             path = last_checkpoint_path(trainer)
             self._mid_validation = trainer.validating and not trainer.sanity_checking

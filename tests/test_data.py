@@ -387,3 +387,26 @@ def test_one_class_and_a_failed_download_are_clean_errors(tmp_path, monkeypatch)
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     with pytest.raises(DataError, match=r"downloading CIFAR-10 to .* failed .*Name or service not known"):
         cifar("cifar10", str(tmp_path), train=True, download=True)
+
+
+def test_training_set_takes_plain_indices_too():
+    """Lightning's overfit_batches swaps in a SequentialSampler (plain indices) over the training set."""
+    from biformer_lit.data import ImageDataModule
+    dm = ImageDataModule(img_size=64, batch_size=2, train_size=8, val_size=4)
+    ds = dm.train_dataloader().dataset
+    x, y = ds[3]
+    assert torch.equal(x, dm.train_set[3][0]) and torch.equal(ds[(5, 3)][0], x)  # synthetic: not augmented
+
+
+def test_ddp_evaluation_shards_only_whole_splits():
+    """Every image once (unequal shards) when the whole split is evaluated; a fraction is taken per process,
+    so there Lightning's padded sampler keeps the shards equal (one process would get no batch)."""
+    from types import SimpleNamespace
+    from biformer_lit.data import ImageDataModule
+    from biformer_lit.data.sampler import EvalShardSampler
+    dm = ImageDataModule(img_size=64, batch_size=8, train_size=16, val_size=17)
+    for limit, sharded in ((1.0, True), (0.5, False), (1, False)):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=1, limit_val_batches=limit, limit_test_batches=1.0)
+        assert isinstance(dm.val_dataloader().sampler, EvalShardSampler) == sharded, limit
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1, limit_val_batches=1.0, limit_test_batches=1.0)
+    assert list(dm.val_dataloader().sampler) == list(range(1, 17, 2))

@@ -277,3 +277,21 @@ def test_resumed_run_with_workers_sees_the_same_augmented_batches(tmp_path, monk
         assert a[0] == b[0] == c[0] and a[2] == b[2] == c[2]
         assert torch.equal(a[1], b[1]) and torch.equal(a[1], c[1])
     assert not torch.equal(whole[0][1], whole[4][1])  # epochs differ (the check can tell them apart)
+
+
+def test_sigusr1_handler_under_slurm_is_restored_and_ignored_outside_fit(tmp_path, monkeypatch):
+    """After a fit that fails (Lightning skips callbacks' teardown then) SIGUSR1 is the process's own again;
+    in validate it is ignored (Lightning's auto-requeue would write an hpc_ckpt there)."""
+    from types import SimpleNamespace
+    from biformer_lit.reliability import PreemptionCheckpoint
+    for k, v in SLURM_ENV.items():
+        monkeypatch.setenv(k, v)
+    before = signal.getsignal(signal.SIGUSR1)
+    cb = PreemptionCheckpoint()
+    cb.setup(None, None, "validate")
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+    cb.teardown(None, None, "validate")
+    cb.setup(None, None, "fit")
+    assert signal.getsignal(signal.SIGUSR1) == cb._on_requeue_signal
+    cb.on_exception(SimpleNamespace(state=SimpleNamespace(fn="fit")), None, ValueError("a failed fit"))
+    assert signal.getsignal(signal.SIGUSR1) == before

@@ -177,4 +177,4 @@ def test_unwritable_output_is_a_short_error(ablation, tmp_path, capsys, monkeypa
     monkeypatch.setattr(report, "plot_curves", denied)
     assert report.main([str(ablation), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "error: cannot write " in err and "val_top1_curves.png: Permission denied (write the report elsewhere with --out DIR)" in err
+    assert "error: cannot access " in err and "val_top1_curves.png: Permission denied (write the report elsewhere with --out DIR)" in err

@@ -170,7 +170,7 @@ def test_main_unwritable_output_is_a_clean_error(monkeypatch, capsys):
 
     monkeypatch.setattr(V, "run", denied)
     assert V.main(["--model", "biformer_cpu_tiny", "--image", "a.png", "--out", "out"]) == 2
-    assert capsys.readouterr().err == ("error: cannot write out/a_stage0_block0_bra.png: Permission denied "
+    assert capsys.readouterr().err == ("error: cannot access out/a_stage0_block0_bra.png: Permission denied "
                                        "(write the pictures elsewhere with --out DIR)\n")
 
 

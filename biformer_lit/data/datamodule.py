@@ -151,7 +151,7 @@ class ImageDataModule(L.LightningDataModule):
                 sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
             # the synthetic task's images are already functions of (seed, split, index) and not augmented
             ds = EpochSeededDataset(ds, None if self.dataset == "synthetic" else self.seed)
-        elif distributed and len(ds) >= world:  # (fewer images than processes: Lightning's padded sampler)
+        elif distributed and len(ds) >= world and self._whole_split(split):
             sampler = EvalShardSampler(len(ds), rank, world)
         # a generator of its own: without one, every new iterator draws its base seed from the global
         # RNG, whose stream (drop path, Mixup) would then depend on when the loader was started
@@ -159,6 +159,13 @@ class ImageDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=train, generator=gen,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0)
+
+    def _whole_split(self, split: str) -> bool:
+        """Evaluating all of it: shards of unequal size are then fine. A fraction (limit_val_batches=0.5)
+        is taken per process, so unequal shards could leave one process none: Lightning's padded sampler.
+        (Fewer images than processes, too.)"""
+        limit = getattr(self.trainer, {"val": "limit_val_batches"}.get(split, "limit_test_batches"), 1.0)
+        return isinstance(limit, float) and limit == 1.0
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

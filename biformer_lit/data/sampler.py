@@ -86,6 +86,8 @@ class EpochSeededDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
+        if not isinstance(key, tuple):  # a plain index from another sampler (e.g. Lightning's overfit_batches)
+            return self.dataset[key]
         epoch, index = key
         if self.seed is None:
             return self.dataset[index]
