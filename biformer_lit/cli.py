@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .checkpoint import CheckpointError, check_resume_checkpoint
-from .errors import storage_error
+from .errors import report_storage_error
 from .module import ClassificationModule, NonFiniteLossError
 
 TRAINER_DEFAULTS = {
@@ -242,12 +242,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except _user_errors() as e:
         print(f"error: {_message(e)}", file=sys.stderr)
         return 2
-    except (OSError, RuntimeError) as e:
-        message = storage_error(e)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    except (OSError, RuntimeError) as e:  # torch.save wraps a full disk's OSError in a RuntimeError
+        return report_storage_error(e)
     return 0
 
 

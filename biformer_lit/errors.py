@@ -1,6 +1,7 @@
 """Failures of the storage under a run (read-only or full disk, no permission): the environment, not a
 bug, so the commands report them as one `error:` line instead of a traceback."""
 import errno
+import sys
 from typing import Optional
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -27,3 +28,13 @@ def storage_error(e: BaseException) -> Optional[str]:
         return str(found.strerror or found)
     verb = "cannot access" if found.errno in (errno.EACCES, errno.EPERM) else "cannot write"  # reading too
     return f"{verb} {found.filename}: {found.strerror}"
+
+
+def report_storage_error(e: BaseException, hint: str = "") -> int:
+    """A command's handler for `e`: a storage failure prints `error: <message><hint>` and gives exit
+    status 2; anything else is a bug and is raised again with its traceback."""
+    message = storage_error(e)
+    if message is None:
+        raise e
+    print(f"error: {message}{hint}", file=sys.stderr)
+    return 2

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from statistics import mean, stdev
 
-from .errors import storage_error
+from .errors import report_storage_error
 
 EVENT_GLOB = "events.out.tfevents.*"
 DASH = "—"
@@ -388,10 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if storage_error(e) is None:
-            raise
-        print(f"error: {storage_error(e)} (write the report elsewhere with --out DIR)", file=sys.stderr)
-        return 2
+        return report_storage_error(e, " (write the report elsewhere with --out DIR)")
     print(table, end="")
     if unfinished:
         print(f"note: unfinished runs (their rows show what they logged so far): {', '.join(unfinished)}",

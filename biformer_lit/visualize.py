@@ -25,7 +25,7 @@ from matplotlib.patches import Rectangle
 
 from .attention import reference as ref
 from .attention.base import TokenMixer
-from .errors import storage_error
+from .errors import report_storage_error
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -555,10 +555,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if storage_error(e) is None:
-            raise
-        print(f"error: {storage_error(e)} (write the pictures elsewhere with --out DIR)", file=sys.stderr)
-        return 2
+        return report_storage_error(e, " (write the pictures elsewhere with --out DIR)")
     for p in paths:
         print(p)
     return 0
