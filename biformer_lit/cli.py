@@ -40,6 +40,8 @@ LAST_CHECKPOINT_DEFAULTS = {"monitor": None, "save_top_k": 1, "save_last": False
                             "enable_version_counter": False}
 
 
+VERSION_DIR = re.compile(r"version_(\d+)")  # TensorBoardLogger's run folders
+
 MORE_COMMANDS = ("Two more commands have their own options: `cli.py report RUNS_DIR` (an ablation's table and "
                  "plots; see `cli.py report --help`) and `cli.py visualize` (routing pictures; see "
                  "`cli.py visualize --help`).")
@@ -120,7 +122,6 @@ class BiFormerCLI(LightningCLI):
                 raise
             raise ConfigError(_with_allowed_kwargs(str(e))) from e
 
-
     def after_instantiate_classes(self) -> None:
         # Lightning merges model and data hparams for the logger and rejects a key with two values:
         # record the data's resolved num_classes (None = "derive it") as the value the model got.
@@ -165,14 +166,14 @@ def _continue_logger_version(logger, ckpt_path: str) -> None:
     folder = os.path.join(args.save_dir, args.get("name") or "")
     if ckpt_path == "last":
         versions = [int(m.group(1)) for d in (os.listdir(folder) if os.path.isdir(folder) else [])
-                    if (m := re.fullmatch(r"version_(\d+)", d))
+                    if (m := VERSION_DIR.fullmatch(d))
                     and os.path.isfile(os.path.join(folder, d, "checkpoints", "last.ckpt"))]
         if versions:
             args.version = max(versions)
         return
     checkpoints = os.path.dirname(os.path.abspath(ckpt_path))
     version = os.path.dirname(checkpoints)
-    m = re.fullmatch(r"version_(\d+)", os.path.basename(version))
+    m = VERSION_DIR.fullmatch(os.path.basename(version))
     if m and os.path.basename(checkpoints) == "checkpoints" and os.path.dirname(version) == os.path.abspath(folder):
         args.version = int(m.group(1))
 

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from ..reliability import epoch_seed
+
 
 class EpochShuffleSampler(DistributedSampler):
     """The order of epoch e is a permutation drawn from (seed, e) alone. Under DDP rank r takes every
@@ -51,7 +53,8 @@ class EvalShardSampler(DistributedSampler):
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + index * 104_729 + 1) % 2**32
+    # the epoch reseed's mix with the index in the rank's place; + 1: not the seed of that reseed itself
+    return (epoch_seed(seed, epoch, index) + 1) % 2**32
 
 
 @contextmanager
