@@ -185,7 +185,7 @@ class BiFormer(nn.Module):
         check_head(num_classes, global_pool)
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if len(self.img_size) != 2 or not all(is_int(v) and v >= 1 for v in self.img_size) \
-                or min(min(hw) for hw in stage_sizes(self.img_size, stem)) < 1:
+                or min(self.img_size) < min_img_size(stem):  # each side's stages depend on that side alone
             raise ValueError(f"img_size={img_size!r}; allowed: a size, or (height, width), of at least "
                              f"{min_img_size(stem)} px "
                              f"(four stages after the {stem} stem)")
