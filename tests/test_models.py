@@ -96,6 +96,16 @@ def test_pretrained_cfg_describes_the_built_model(name, stem, size):
     assert timm.create_model(name, img_size=(size * 2, size)).pretrained_cfg["input_size"] == (3, size * 2, size)
 
 
+@pytest.mark.parametrize("name,size", [("biformer_tiny", 200), ("biformer_tiny", (97, 131)), ("biformer_stl", 200),
+                                       ("biformer_cpu_stl", 112)])
+def test_pretrained_cfg_pool_size_is_the_final_feature_map(name, size):
+    """The overlap stem pads (sizes round up): at 200 px its final map is 7x7, not 200 // 32 = 6."""
+    m = timm.create_model(name, img_size=size, **SMALL).eval()
+    h, w = (size, size) if isinstance(size, int) else size
+    with torch.no_grad():
+        assert tuple(m.forward_features(torch.randn(1, 3, h, w)).shape[-2:]) == m.pretrained_cfg["pool_size"]
+
+
 def test_released_weights_adapt_to_one_input_channel(tmp_path):
     """timm sums the first conv's RGB kernels for in_chans=1 when first_conv names the stem's conv (it
     named a layer the patch stem does not have: loading failed with a size mismatch)."""

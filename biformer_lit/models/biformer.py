@@ -337,7 +337,8 @@ def _cfg(stem: str = "overlap", img_size=224) -> dict:
     """timm's pretrained_cfg for a model built with this stem and input size. input_size keeps 3 channels:
     it describes the weights (RGB); timm adapts first_conv to another in_chans when loading them."""
     h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    return dict(url="", num_classes=1000, input_size=(3, h, w), pool_size=(h // 32, w // 32),
+    # the final map's size: the overlap stem pads (sizes round up), so it is not h // 32 there
+    return dict(url="", num_classes=1000, input_size=(3, h, w), pool_size=stage_sizes((h, w), stem)[-1],
                 crop_pct=0.9, interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                 first_conv="stem.conv1" if stem == "overlap" else "stem.conv", classifier="head", license="mit")
 
