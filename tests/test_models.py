@@ -83,6 +83,18 @@ def test_forward_intermediates_and_getter_features_follow_timm():
     assert [t.shape[1] for t in getter(x)] == [64, 256]
 
 
+def test_forward_intermediates_stop_early_leaves_the_final_norm_to_the_last_stage():
+    """timm: stop_early before the last stage returns that stage's map un-normed (the final BatchNorm
+    is sized for the last stage; it was applied to stage 1's 64 channels and failed)."""
+    m = timm.create_model("biformer_cpu_tiny").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        final, inter = m.forward_intermediates(x, indices=[1], stop_early=True)
+        assert final.shape == (2, 64, 8, 8) and torch.equal(final, inter[0])
+        final, _ = m.forward_intermediates(x, indices=[3], stop_early=True)
+        torch.testing.assert_close(final, m.forward_features(x))
+
+
 @pytest.mark.parametrize("name,stem,size", [("biformer_tiny", "stem.conv1", 224), ("biformer_stl", "stem.conv", 224),
                                             ("biformer_cpu_tiny", "stem.conv", 64),
                                             ("biformer_cpu_stl", "stem.conv", 112)])

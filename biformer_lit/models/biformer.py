@@ -301,13 +301,15 @@ class BiFormer(nn.Module):
         take, last = feature_take_indices(len(self.stages), indices)
         intermediates, x = [], self.stem(x)
         stages = self.stages[:last + 1] if stop_early or intermediates_only else self.stages
+        last_stage = len(self.stages) - 1
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take:
-                intermediates.append(self.norm(x) if norm and i == len(self.stages) - 1 else x)
+                intermediates.append(self.norm(x) if norm and i == last_stage else x)
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        # the final norm is sized for the last stage: stopped early, the features are that stage's map
+        return (self.norm(x) if i == last_stage else x), intermediates
 
     def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
         """Drop the stages after the last of `indices` (and the norm / head): timm's feature extraction."""
