@@ -95,6 +95,26 @@ def test_forward_intermediates_stop_early_leaves_the_final_norm_to_the_last_stag
         torch.testing.assert_close(final, m.forward_features(x))
 
 
+def test_pruning_before_the_last_stage_drops_the_final_norm():
+    """timm: pruning to an earlier stage removes the final norm (sized for the last stage) and the head,
+    and num_features follows the kept stage; a getter with norm=True then works."""
+    import copy
+    from timm.models._features import FeatureGetterNet
+    x = torch.randn(2, 3, 64, 64)
+    full = timm.create_model("biformer_cpu_tiny").eval()
+    m = copy.deepcopy(full)
+    assert m.prune_intermediate_layers((0, 1)) == [0, 1]
+    assert m.num_features == m.head_hidden_size == 64
+    with torch.no_grad():
+        final, inter = m.forward_intermediates(x)
+        assert final.shape == (2, 64, 8, 8) and m(x).shape == (2, 64, 8, 8)  # head pruned: unpooled
+        ref = full.forward_intermediates(x, indices=(0, 1), intermediates_only=True)
+        got = FeatureGetterNet(copy.deepcopy(full), out_indices=(0, 1), norm=True)(x)
+        assert len(got) == 2
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("name,stem,size", [("biformer_tiny", "stem.conv1", 224), ("biformer_stl", "stem.conv", 224),
                                             ("biformer_cpu_tiny", "stem.conv", 64),
                                             ("biformer_cpu_stl", "stem.conv", 112)])

@@ -314,10 +314,13 @@ class BiFormer(nn.Module):
     def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
         """Drop the stages after the last of `indices` (and the norm / head): timm's feature extraction."""
         take, last = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:last + 1]
-        if prune_norm:
+        prune_end = last < len(self.stages) - 1
+        if prune_norm or prune_end:  # the final norm is sized for (and only applied to) the last stage
             self.norm = nn.Identity()
-        if prune_head:
+        self.stages = self.stages[:last + 1]
+        if prune_end:  # the features now end at the last kept stage; a head sized for the old ones goes too
+            self.num_features = self.head_hidden_size = self.feature_info[last]["num_chs"]
+        if prune_head or prune_end:
             self.reset_classifier(0, "")
         return take
 
