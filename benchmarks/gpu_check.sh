@@ -27,17 +27,25 @@ step() {  # step <seconds> <log name> <command...>: a time limit per step, so on
     if ((rc == 124)); then echo "== $log: timed out after ${limit}s" | tee -a "$OUT/$log.log"; status=1
     elif ((rc)); then echo "== $log: failed (exit $rc)" | tee -a "$OUT/$log.log"; status=1; fi
 }
+# case_limit <step limit> <reserve> <cap>: seconds for each model case of the next step. A case cut by
+# bench.py's --case_timeout keeps its training numbers (the driver records them); one cut by the step's
+# `timeout` leaves nothing (the driver dies with it). So the case limit stays inside the step's limit (as
+# cut to the time left), less <reserve> for the cases before it in the step.
+case_limit() {
+    local s=$((END - SECONDS)); ((s > $1)) && s=$1; s=$((s - $2)); ((s > $3)) && s=$3
+    echo $((s > 5 ? s : 5))
+}
 MODELS="biformer_tiny,biformer_tiny[original algorithm],swin_tiny_patch4_window7_224,biformer_stl"
 step 130 bench_models $PY benchmarks/bench.py --what models --dtypes bf16,fp32 --models "$MODELS" \
-    --case_timeout 60 --json "$OUT/cuda_models.json"
+    --case_timeout "$(case_limit 130 5 60)" --json "$OUT/cuda_models.json"
 step 150 bench_compiled $PY benchmarks/bench.py --what models --dtypes bf16 --models biformer_tiny --compile \
-    --json "$OUT/cuda_compiled.json"
+    --case_timeout "$(case_limit 150 30 150)" --json "$OUT/cuda_compiled.json"
 # -v: each test's name is printed as it starts, so a step cut by its limit shows where; -s: the tests'
 # printed errors and peak memory (what README quotes)
 step 75 gpu_tests_attention $PY -m pytest -v -s -m gpu -p no:cacheprovider tests/test_attention.py
 step 150 gpu_tests_models $PY -m pytest -v -s -m gpu -p no:cacheprovider tests/test_models.py
 step 100 bench_flex_model $PY benchmarks/bench.py --what models --dtypes bf16 --models "biformer_tiny[flex]" \
-    --json "$OUT/cuda_flex_model.json"
+    --case_timeout "$(case_limit 100 5 100)" --json "$OUT/cuda_flex_model.json"
 step ${LAYER_S:-60} bench_layers $PY benchmarks/bench.py --what layers --quick --dtypes bf16 --only "${LAYERS:-}" \
     --json "$OUT/cuda_layers.json"
 exit $status

@@ -1,0 +1,47 @@
+"""The benchmark driver and the unattended GPU check script, run without a GPU (stubs, tiny cases)."""
+import os
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _stub(path: Path, body: str) -> None:
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
+@pytest.mark.parametrize("total_s", [540, 120, 40])
+def test_gpu_check_model_cases_have_a_limit_inside_their_step(tmp_path, total_s):
+    """A model case cut by bench.py's --case_timeout keeps its training numbers (the driver records
+    them); cut by the step's own `timeout`, the driver dies with it and the step records nothing.
+    So every whole-model step needs a case limit below its step limit, leaving room for the cases
+    before it (the eager model before the compiled one)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir / "nvidia-smi", "echo 'FAKE GPU, 80000 MiB, 0'")
+    _stub(bin_dir / "fakepy", "exit 0")
+    out = tmp_path / "out"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PY=str(bin_dir / "fakepy"), OUT=str(out),
+               TOTAL_S=str(total_s))
+    subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], cwd=REPO, env=env,
+                   capture_output=True, text=True, timeout=60)
+    model_steps = 0
+    for log in sorted(out.glob("*.log")):
+        first = log.read_text().splitlines()[0]
+        m = re.match(r"== (\S+) \(limit (\d+)s\): (.*)", first)
+        if not m or "--what models" not in m.group(3):
+            continue
+        model_steps += 1
+        name, limit, cmd = m.group(1), int(m.group(2)), m.group(3)
+        t = re.search(r"--case_timeout (\d+)", cmd)
+        assert t, f"{name}: no --case_timeout ({cmd})"
+        room = 25 if "--compile" in cmd else 3  # the compiled case runs after an eager one
+        assert 0 < int(t.group(1)) <= limit - room, f"{name}: case limit {t.group(1)} s in a {limit} s step"
+    assert model_steps == 3
