@@ -45,3 +45,29 @@ def test_gpu_check_model_cases_have_a_limit_inside_their_step(tmp_path, total_s)
         room = 25 if "--compile" in cmd else 3  # the compiled case runs after an eager one
         assert 0 < int(t.group(1)) <= limit - room, f"{name}: case limit {t.group(1)} s in a {limit} s step"
     assert model_steps == 3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
+def test_gpu_check_ends_within_total_even_if_a_step_ignores_sigterm(tmp_path):
+    """The run is cut from outside at its limit (TOTAL_S): the script must end before it even when a
+    step's process does not exit on the step limit's SIGTERM (a process stuck in a driver call, a
+    library's signal handler), so the remaining steps' skips and the exit status are still written."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir / "nvidia-smi", "echo 'FAKE GPU, 80000 MiB, 0'")
+    _stub(bin_dir / "fakepy", 'case "$*" in *"-c "*) exit 0;; esac\ntrap "" TERM\nsleep 300')
+    out = tmp_path / "out"
+    total = 30
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PY=str(bin_dir / "fakepy"), OUT=str(out),
+               TOTAL_S=str(total))
+    proc = subprocess.Popen(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=total)
+    except subprocess.TimeoutExpired:  # the session holds the script and every step's process group
+        subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)])
+        proc.wait()
+        pytest.fail(f"gpu_check.sh still running after TOTAL_S={total} s")
+    assert rc == 1
+    assert "skipped" in (out / "bench_layers.log").read_text()
