@@ -53,6 +53,7 @@ def timed(fn, device, repeats: int) -> float:
 def run_layer(case):
     from biformer_lit.attention import create_attention
     dev, dtype = case["device"], case.get("dtype", "fp32")
+    torch.manual_seed(0)  # the same input and weights in every case, also where cases share a process (CUDA)
     x = torch.randn(case["batch"], case["h"], case["w"], case["c"], device=dev, requires_grad=True)
     base = peak_memory_mb(torch.device("cpu"))
     if case.get("idle"):
@@ -91,6 +92,7 @@ def build_model(name):
 
 def run_model(case):
     dev, b = case["device"], case["batch"]
+    torch.manual_seed(0)
     x = torch.randn(b, 3, 224, 224, device=dev)
     y = torch.randint(0, 1000, (b,), device=dev)
     base = peak_memory_mb(torch.device("cpu"))

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,3 +72,28 @@ def test_gpu_check_ends_within_total_even_if_a_step_ignores_sigterm(tmp_path):
         pytest.fail(f"gpu_check.sh still running after TOTAL_S={total} s")
     assert rc == 1
     assert "skipped" in (out / "bench_layers.log").read_text()
+
+
+def test_layer_cases_in_one_process_see_the_same_input_and_weights(monkeypatch):
+    """On CUDA the layer cases share one process (bench.in_process): every case must still get the same
+    input and initial weights, as the per-case subprocesses (seeded) do on CPU."""
+    import sys
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench
+    import biformer_lit.attention as attention
+
+    seen = []
+    create = attention.create_attention
+
+    def recording(*args, **kwargs):
+        m = create(*args, **kwargs)
+        m.register_forward_pre_hook(lambda mod, inp: seen.append((inp[0].detach().clone(), mod.qkv.weight.detach().clone())))
+        return m
+
+    monkeypatch.setattr(attention, "create_attention", recording)
+    case = dict(device="cpu", batch=1, h=4, w=4, c=8, heads=2, n_win=2, topk=1, repeats=1, kind="bra", label="bra")
+    for backend in ("indexed", "masked"):
+        r = bench.in_process(dict(case, backend=backend))
+        assert "error" not in r, r
+    first, last = seen[0], seen[-1]
+    assert torch.equal(first[0], last[0]) and torch.equal(first[1], last[1])
