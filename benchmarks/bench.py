@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -46,7 +47,7 @@ def timed(fn, device, repeats: int) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)  # an even count (--quick models: 2) averages the middle two
 
 
 # --- one case, inside its own process -----------------------------------------------------------------

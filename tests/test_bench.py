@@ -97,3 +97,15 @@ def test_layer_cases_in_one_process_see_the_same_input_and_weights(monkeypatch):
         assert "error" not in r, r
     first, last = seen[0], seen[-1]
     assert torch.equal(first[0], last[0]) and torch.equal(first[1], last[1])
+
+
+def test_timed_is_the_median(monkeypatch):
+    """bench.timed reports the median of its repeats; with an even count (--quick models: 2) that is the
+    mean of the middle two, not the slower one."""
+    import sys
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench
+
+    clock = iter([0.0, 1.0, 10.0, 13.0])  # two runs: 1 s and 3 s
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    assert bench.timed(lambda: None, "cpu", 2) == 2.0
