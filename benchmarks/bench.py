@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -46,13 +47,14 @@ def timed(fn, device, repeats: int) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)  # an even count (--quick models: 2) averages the middle two
 
 
 # --- one case, inside its own process -----------------------------------------------------------------
 def run_layer(case):
     from biformer_lit.attention import create_attention
     dev, dtype = case["device"], case.get("dtype", "fp32")
+    torch.manual_seed(0)  # the same input and weights in every case, also where cases share a process (CUDA)
     x = torch.randn(case["batch"], case["h"], case["w"], case["c"], device=dev, requires_grad=True)
     base = peak_memory_mb(torch.device("cpu"))
     if case.get("idle"):
@@ -91,6 +93,7 @@ def build_model(name):
 
 def run_model(case):
     dev, b = case["device"], case["batch"]
+    torch.manual_seed(0)
     x = torch.randn(b, 3, 224, 224, device=dev)
     y = torch.randint(0, 1000, (b,), device=dev)
     base = peak_memory_mb(torch.device("cpu"))
