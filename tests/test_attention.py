@@ -26,6 +26,17 @@ def test_variant_matches_oracle(kind, size, n_win):
     torch.testing.assert_close(m(x), reference_forward(m, x), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("size", [(14, 14), (9, 5)])
+def test_shifted_window_with_one_window_is_not_shifted(size):
+    """One window covers the map: Swin does not shift it (a shift would cut the map into four pieces)."""
+    torch.manual_seed(0)
+    shifted = create_attention("shifted_window", 32, 4, n_win=1).double()
+    plain = create_attention("window", 32, 4, n_win=1).double()
+    plain.load_state_dict(shifted.state_dict())
+    x = torch.randn(2, *size, 32, dtype=torch.double)
+    torch.testing.assert_close(shifted(x), plain(x), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", ["indexed", "masked", "gather"])
 @pytest.mark.parametrize("size,n_win,topk", [((28, 28), 7, 4), ((30, 26), 7, 8), ((16, 16), 4, 16), ((11, 9), 3, 1)])
 def test_bra_backends_fp32_forward_backward(backend, size, n_win, topk):

@@ -29,7 +29,9 @@ def window_pattern(h, w, n_win):
 
 def shifted_window_pattern(h, w, n_win):
     # windows displaced by half a window; the edge pieces left over at top/left and bottom/right
-    # (joined by Swin's cyclic roll) stay separate windows
+    # (joined by Swin's cyclic roll) stay separate windows; one window over the whole map is not shifted
+    if n_win == 1:
+        return window_pattern(h, w, n_win)
     rh, rw = math.ceil(h / n_win), math.ceil(w / n_win)
     r, c = coords(h, w)
     return same((r + rh - rh // 2) // rh) & same((c + rw - rw // 2) // rw)

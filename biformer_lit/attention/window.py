@@ -35,14 +35,15 @@ class ShiftedWindowAttention(TokenMixer):
     """Windows displaced by half a window (Swin's alternate blocks).
 
     A cyclic roll plus a mask that keeps the wrapped-around pieces apart, as Swin does; alternate it
-    with `window` in consecutive blocks.
+    with `window` in consecutive blocks. A single window (n_win=1) covers the whole map and, as in Swin
+    where the window is as large as the map, is not shifted: shifting would cut the map into four.
     """
 
     def mix(self, q, k, v):
         h, w = q.shape[1:3]
         wh, hp = grid_cells(h, self.n_win)
         ww, wp = grid_cells(w, self.n_win)
-        sh, sw = wh // 2, ww // 2
+        sh, sw = (wh // 2, ww // 2) if self.n_win > 1 else (0, 0)
         q, k, v = (t.roll((-sh, -sw), dims=(1, 2)) for t in pad_all((q, k, v), hp, wp))
         sizes = dict(nh=self.n_win, nw=self.n_win, wh=wh, ww=ww)
         # segment of every rolled position: a token attends only within its own segment
