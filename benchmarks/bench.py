@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from biformer_lit.callbacks.run_stats import peak_memory_mb  # noqa: E402  (after the path insert)
+from biformer_lit.errors import write_text_atomic  # noqa: E402
 
 # The paper's stage shapes for BiFormer-T at 224x224 (batch 8): (name, H, W, C, heads, n_win, topk)
 STAGES = [("stage1 56x56", 56, 56, 64, 2, 7, 1), ("stage2 28x28", 28, 28, 128, 4, 7, 4),
@@ -266,7 +267,7 @@ def main():
             if "error" not in r and device == "cpu":
                 r["peak_mb"] -= idle[key]
             results["layers"].append(dict(case, **r))
-            out.write_text(json.dumps(results, indent=1))
+            write_text_atomic(out, json.dumps(results, indent=1))  # a kill keeps the earlier cases
             print(f"| {case['shape']} | {case['label']} | {case['dtype']} | {fmt(r.get('fwd_bwd_ms'))} | "
                   f"{fmt(r.get('fwd_ms'))} | {fmt(r.get('peak_mb'), '.0f')} |" + (f" {r['error']}" if "error" in r else ""),
                   flush=True)
@@ -282,14 +283,14 @@ def main():
             if "error" not in r and device == "cpu":
                 r["peak_mb"] -= idle
             results["models"].append(dict(case, **r))
-            out.write_text(json.dumps(results, indent=1))
+            write_text_atomic(out, json.dumps(results, indent=1))  # a kill keeps the earlier cases
             print(f"| {case['model']} | {case['dtype']} | {'yes' if case.get('compile') else 'no'} | "
                   f"{fmt(r.get('params_m'))} | {fmt(r.get('train_img_s'), '.2f')} | {fmt(r.get('infer_img_s'), '.2f')} | "
                   f"{fmt(r.get('peak_mb'), '.0f')} |" + (f" {r['error']}" if "error" in r else ""), flush=True)
             if "blocking_stderr_tail" in r:  # the synchronous rerun's traceback: where the kernel faulted
                 print("  " + "\n  ".join(r["blocking_stderr_tail"].splitlines()[-8:]), flush=True)
 
-    out.write_text(json.dumps(results, indent=1))
+    write_text_atomic(out, json.dumps(results, indent=1))  # a kill keeps the earlier cases
     print(f"\nwrote {out}")
 
 

@@ -48,6 +48,8 @@ from typing import List, Optional
 
 import yaml
 
+from .errors import write_text_atomic
+
 ABLATION_KEYS = {"name", "seeds", "parallel", "visualize", "arms", "only", "index", "runs_dir", "dry_run"}
 ARM_KEYS = ("name", "overrides")
 BARE_FLAGS = ("-h", "--help")  # the only `fit` options that take no value
@@ -290,9 +292,7 @@ def clear(run_dir: Path) -> None:
 
 
 def write_status(run_dir: Path, **info) -> None:
-    tmp = run_dir / "arm.json.tmp"
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, run_dir / "arm.json")  # atomic: a kill never leaves half a status file
+    write_text_atomic(run_dir / "arm.json", json.dumps(info, indent=1))
 
 
 def _fit_command(config_path: Path, passthrough: List[str]) -> List[str]:

@@ -1,6 +1,8 @@
 """Failures of the storage under a run (read-only or full disk, no permission): the environment, not a
-bug, so the commands report them as one `error:` line instead of a traceback."""
+bug, so the commands report them as one `error:` line instead of a traceback. And small files written
+so that a kill during the write cannot leave half of one."""
 import errno
+import os
 import sys
 from typing import Optional
 
@@ -38,3 +40,11 @@ def report_storage_error(e: BaseException, hint: str = "") -> int:
         raise e
     print(f"error: {message}{hint}", file=sys.stderr)
     return 2
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Status / result files: a kill during the write leaves the old file, never half a new one."""
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

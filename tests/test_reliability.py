@@ -295,3 +295,35 @@ def test_sigusr1_handler_under_slurm_is_restored_and_ignored_outside_fit(tmp_pat
     assert signal.getsignal(signal.SIGUSR1) == cb._on_requeue_signal
     cb.on_exception(SimpleNamespace(state=SimpleNamespace(fn="fit")), None, ValueError("a failed fit"))
     assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_write_text_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    """Benchmark results and ablation status files: a write cut short leaves the previous content."""
+    import builtins
+    from biformer_lit.errors import write_text_atomic
+
+    path = tmp_path / "results.json"
+    write_text_atomic(path, '{"cases": 1}')
+    assert path.read_text() == '{"cases": 1}'
+
+    real_open = builtins.open
+
+    class CutShort:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[:5])  # half of it reaches the disk, then the process is "killed"
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: CutShort(real_open(*a, **k)))
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomic(path, '{"cases": 2, "more": "data"}')
+    monkeypatch.undo()
+    assert path.read_text() == '{"cases": 1}'
