@@ -327,21 +327,66 @@ def show_arms(jobs: List[dict], passthrough: List[str]) -> int:
     return 0
 
 
+def _parsed(path: Path, flags: List[str], arm: str) -> dict:
+    """The config `fit --config path *flags` resolves to (parsed and type-checked, nothing built); an
+    AblationError naming the arm if it does not parse."""
+    from .cli import make_cli
+    out, err = io.StringIO(), io.StringIO()
+    try:  # --print_config: the parser exits once the arguments are parsed and type-checked
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            make_cli(["fit", "--config", str(path), *flags, "--print_config"])
+    except SystemExit as e:
+        if e.code:
+            message = err.getvalue().partition("error: ")[2].strip() or f"exit status {e.code}"
+            raise AblationError(f"arm {arm}: {message} (no run started)") from None
+    return yaml.safe_load(out.getvalue()) or {}
+
+
+def _leaves(prefix: str, value) -> List[str]:
+    """Dotted keys of an override's values: a mapping value sets each of its keys."""
+    if isinstance(value, dict) and value:
+        return [leaf for k, v in value.items() for leaf in _leaves(f"{prefix}.{k}", v)]
+    return [prefix]
+
+
+UNSET = "unset"
+
+
+def _lookup(cfg: dict, dotted: str) -> str:
+    """The value at a dotted key, as text (`unset` where there is none)."""
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return UNSET
+        node = node[part]
+    return repr(node)
+
+
 def check_commands(jobs: List[dict], passthrough: List[str]) -> None:
     """Parse each arm's `fit` command as its run will, and build nothing: a typo in a flag or an override is
-    one error before any run starts, not a failed run per arm (and a folder that refuses the fixed command)."""
-    from .cli import make_cli
+    one error before any run starts, not a failed run per arm (and a folder that refuses the fixed command).
+    A flag passed to every arm must not replace what an arm sets: `--model.model_kwargs={depths: ...}`
+    replaces the whole mapping, the arms' `model.model_kwargs.topks` with it, and every arm would train
+    the same model under its own name."""
     with tempfile.TemporaryDirectory() as tmp:
         for j in [j for j in jobs if j["seed"] == jobs[0]["seed"]]:  # one per arm: seeds only seed differently
             path = _write_config(Path(tmp) / "config.yaml", j["config"])
-            err = io.StringIO()
-            try:  # --print_config: the parser exits once the arguments are parsed and type-checked
-                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-                    make_cli(["fit", "--config", str(path), *passthrough, "--print_config"])
-            except SystemExit as e:
-                if e.code:
-                    message = err.getvalue().partition("error: ")[2].strip() or f"exit status {e.code}"
-                    raise AblationError(f"arm {j['arm']['name']}: {message} (no run started)") from None
+            name = j["arm"]["name"]
+            resolved = _parsed(path, passthrough, name)
+            if not passthrough:
+                continue
+            try:  # the arm's values as the parser reads them (1e-3 -> 0.001, ...)
+                own = _parsed(path, [], name)
+            except AblationError:  # valid only with the flags (they were parsed above): nothing to compare
+                continue
+            for key in [leaf for k, v in (j["arm"].get("overrides") or {}).items() for leaf in _leaves(k, v)]:
+                if _lookup(own, key) != _lookup(resolved, key):
+                    flags = [f for f in passthrough if (key + ".").startswith(f.lstrip("-").partition("=")[0] + ".")]
+                    raise AblationError(
+                        f"arm {name}: {', '.join(flags) or 'the flags passed to every arm'} replace(s) the arm's own "
+                        f"{key}={_lookup(own, key)} (it would be {_lookup(resolved, key)}), so the arms would not "
+                        f"differ there; pass only the keys you change (e.g. --model.model_kwargs.depths=[...]) and "
+                        f"leave the arms' own keys to them (no run started)")
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ Bad input (data, checkpoints, model settings) ends with `error: <message>` and e
 other exceptions are bugs and keep their traceback.
 """
 import difflib
+import glob
 import inspect
 import os
 import re
@@ -94,6 +95,10 @@ class BiFormerCLI(LightningCLI):
         # file first, so a corrupt, truncated or foreign file is a one-line error, not a traceback
         cfg = self.config.get(self.config.get("subcommand") or "", {})
         path = cfg.get("ckpt_path") if hasattr(cfg, "get") else None
+        if path in ("last", "best"):
+            found = _named_checkpoint(self.config.get("subcommand"), path, cfg)
+            if found:
+                cfg.ckpt_path = path = found
         if path and os.path.isfile(path):
             ckpt = check_resume_checkpoint(path, weights_only=cfg.get("weights_only") is not False)
             if self.config.get("subcommand") in ("validate", "test", "predict"):
@@ -176,6 +181,50 @@ def _continue_logger_version(logger, ckpt_path: str) -> None:
     m = VERSION_DIR.fullmatch(os.path.basename(version))
     if m and os.path.basename(checkpoints) == "checkpoints" and os.path.dirname(version) == os.path.abspath(folder):
         args.version = int(m.group(1))
+
+
+def _run_folders(logger):
+    """(where, folders): the TensorBoard run folders `--ckpt_path last` can mean, newest version first (the
+    logger's pinned version, else every <save_dir>/<name>/version_N) and how to name them; None for another
+    logger (Lightning's own lookup)."""
+    if not hasattr(logger, "get") or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+        return None
+    args = logger.init_args
+    folder = os.path.join(args.save_dir, args.get("name") or "")
+    version = args.get("version")
+    if version is not None:
+        run = os.path.join(folder, version if isinstance(version, str) else f"version_{version}")
+        return run, [run]
+    found = [(int(m.group(1)), d) for d in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if (m := VERSION_DIR.fullmatch(d))]
+    return os.path.join(folder, "version_*"), [os.path.join(folder, d) for _, d in sorted(found, reverse=True)]
+
+
+def _named_checkpoint(subcommand: Optional[str], name: str, cfg) -> Optional[str]:
+    """`--ckpt_path last` / `best` outside `fit`'s own resume. Lightning resolves them only against the new
+    run's (empty) version folder: `last` then evaluated the untrained model after a warning, exit 0, and
+    `best` ended in a traceback. `last` for validate/test/predict: the newest last.ckpt of this logger's
+    runs (as `fit --ckpt_path last` resumes); `best` is never known to a new Trainer: an error naming the
+    checkpoints there are. None: leave it to Lightning."""
+    if name == "last" and subcommand == "fit":
+        return None  # resumes (or starts fresh, for SLURM scripts): see _continue_logger_version
+    if name == "last" and cfg.get("last_checkpoint") and cfg.last_checkpoint.get("dirpath"):
+        return None  # a fixed folder: Lightning finds last.ckpt there itself
+    runs = _run_folders(cfg.get("trainer", {}).get("logger"))
+    if runs is None and name == "last":
+        return None
+    where, folders = runs or ("this run's log folder", [])
+    if name == "last":
+        for run in folders:
+            if os.path.isfile(os.path.join(run, "checkpoints", "last.ckpt")):
+                return os.path.join(run, "checkpoints", "last.ckpt")
+        raise ConfigError(f"--ckpt_path last: no checkpoints/last.ckpt under {where} (the logger's save_dir and "
+                          f"name); pass the checkpoint file, e.g. --ckpt_path RUN/checkpoints/last.ckpt")
+    kept = next((files for run in folders if (files := sorted(
+        f for f in glob.glob(os.path.join(glob.escape(run), "checkpoints", "*.ckpt"))
+        if os.path.basename(f) != "last.ckpt"))), [])
+    raise ConfigError(f"--ckpt_path best: a new {subcommand} run does not know the best checkpoint of an earlier "
+                      f"one; pass the file, e.g. " + (", ".join(kept) if kept else "--ckpt_path RUN/checkpoints/best-N.ckpt"))
 
 
 def _warn_other_data(path: str, trained: dict, data_cfg) -> None:

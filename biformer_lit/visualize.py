@@ -435,7 +435,10 @@ def load_weights_model(name: str, weights: Optional[Path]) -> nn.Module:
     return model
 
 
-def load_checkpoint_model(path: Path, trust: bool) -> nn.Module:
+def load_checkpoint_model(path: Path, trust: bool) -> Tuple[nn.Module, Tuple[Sequence[float], Sequence[float]]]:
+    """The checkpoint's network, and the (mean, std) its training data were normalised with: the images are
+    normalised the same way, so the routing drawn is the routing the model computes on its own data
+    (a model of the synthetic task routed most query regions elsewhere on ImageNet-normalised input)."""
     try:
         from .module import ClassificationModule
     except ImportError as e:
@@ -444,11 +447,13 @@ def load_checkpoint_model(path: Path, trust: bool) -> nn.Module:
     from .checkpoint import CheckpointError, check_resume_checkpoint
     try:
         # weights_only refuses arbitrary pickled objects; --trust_checkpoint lifts that for own files
-        check_resume_checkpoint(path, weights_only=not trust, instead="--model NAME --weights FILE")
+        ckpt = check_resume_checkpoint(path, weights_only=not trust, instead="--model NAME --weights FILE")
     except CheckpointError as e:
         hint = "; if you trust the file, pass --trust_checkpoint" if "more than tensors" in str(e) else ""
         raise UsageError(f"{e}{hint}") from None
-    return ClassificationModule.load_from_checkpoint(path, map_location="cpu", weights_only=not trust).model
+    from .data.datamodule import normalisation_of
+    stats = normalisation_of(ckpt.get("datamodule_hyper_parameters") or {})
+    return ClassificationModule.load_from_checkpoint(path, map_location="cpu", weights_only=not trust).model, stats
 
 
 def model_img_size(net: nn.Module) -> int:
@@ -463,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cli.py visualize",
                                 description="Draw each attention layer's routing / key pattern over images.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt_path", type=Path, help="Lightning checkpoint of a ClassificationModule")
+    src.add_argument("--ckpt_path", type=Path, help="Lightning checkpoint of a ClassificationModule (images are "
+                     "normalised as its training data were)")
     src.add_argument("--model", help="timm model name (with --weights; without: random init)")
     p.add_argument("--weights", type=Path, help="state dict for --model: {'model': sd} or bare")
     p.add_argument("--trust_checkpoint", action="store_true",
@@ -502,8 +508,10 @@ def run(args) -> List[Path]:
     if args.weights is not None and args.model is None:
         raise UsageError("--weights goes with --model")
     check_args(args)
-    net = load_checkpoint_model(args.ckpt_path, args.trust_checkpoint) if args.ckpt_path \
-        else load_weights_model(args.model, args.weights)
+    if args.ckpt_path:
+        net, (mean, std) = load_checkpoint_model(args.ckpt_path, args.trust_checkpoint)
+    else:  # released / bare weights: ImageNet's statistics, as the released models were trained
+        net, (mean, std) = load_weights_model(args.model, args.weights), (IMAGENET_MEAN, IMAGENET_STD)
     size = args.img_size or model_img_size(net)
     stages = sorted({s for s, _, _ in attention_layers(net)})
     unknown = sorted(set(args.stage or []) - set(stages))
@@ -511,7 +519,7 @@ def run(args) -> List[Path]:
         raise UsageError(f"--stage {' '.join(map(str, unknown))}: no such stage; "
                          f"allowed: {', '.join(map(str, stages))}")
     raw = torch.stack([load_image(p, size) for p in args.image])
-    images = normalise(raw)
+    images = normalise(raw, mean, std)
     layers = select_layers(net, args.stage, args.all_blocks)
     if not layers:  # e.g. --model resnet18: nothing routes, nothing to draw
         raise UsageError("the model has no attention layers to draw")

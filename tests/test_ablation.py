@@ -239,6 +239,23 @@ def test_a_bad_flag_or_override_is_found_before_any_run_starts(tmp_path, fits, f
     assert fits.commands == [] and not (tmp_path / "runs").exists()
 
 
+def test_a_flag_that_replaces_what_an_arm_sets_is_refused(tmp_path, fits):
+    """`--model.model_kwargs={depths: ...}` replaces the whole mapping, so every arm lost its own topks / attn
+    and trained the same model under its own name, silently. A key set one by one merges: fine."""
+    path = write_ablation(tmp_path)
+    with pytest.raises(AblationError, match=re.escape(
+            "arm k1: --model.model_kwargs={depths: [1,1,1,1]} replace(s) the arm's own model.model_kwargs.topks=[1, 1, "
+            "1, 1] (it would be unset), so the arms would not differ there")):
+        maybe_run_ablation(["fit", "--config", str(path), "--model.model_kwargs", "{depths: [1,1,1,1]}"])
+    with pytest.raises(AblationError, match=r"arm k4: --model.model_kwargs.topks=\[1,1,1,1\] replace\(s\) the arm's own "
+                                            r"model.model_kwargs.topks=\[4, 4, 2, 1\] \(it would be \[1, 1, 1, 1\]\)"):
+        maybe_run_ablation(["fit", "--config", str(path), "--model.model_kwargs.topks=[1,1,1,1]"])
+    assert fits.commands == [] and not (tmp_path / "runs").exists()
+    assert maybe_run_ablation(["fit", "--config", str(path), "--model.model_kwargs.depths=[1,1,1,1]",
+                               "--model.lr", "1e-3"]) == 0
+    assert len(fits.commands) == 3
+
+
 def test_class_help_flags_train_nothing(tmp_path, fits, capsys):
     """--trainer.strategy.help CLASS answers (exit 0) like --help: no arm may run it and be recorded finished."""
     path = write_ablation(tmp_path)

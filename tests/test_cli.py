@@ -94,6 +94,43 @@ def test_resume_from_last_continues_global_step(monkeypatch, tmp_path):
     assert torch.load(last, weights_only=True)["global_step"] == 12 and not (run.parent / "version_1").exists()
 
 
+def test_evaluating_last_or_best_never_evaluates_an_untrained_model(monkeypatch, tmp_path, capsys):
+    """`validate/test/predict --ckpt_path last` looked for last.ckpt in the new run's own (empty) version folder:
+    it validated the untrained model after a Lightning warning, exit 0. `--ckpt_path best` was a traceback."""
+    monkeypatch.chdir(tmp_path)
+    for sub in ("validate", "test", "predict"):
+        assert main([sub, *SMALL, "--ckpt_path", "last"]) == 2
+        assert "error: --ckpt_path last: no checkpoints/last.ckpt under runs/default/version_*" in capsys.readouterr().err
+    for sub in ("validate", "fit"):
+        assert main([sub, *SMALL, "--ckpt_path", "best"]) == 2
+        assert "error: --ckpt_path best: a new" in capsys.readouterr().err
+
+
+def test_last_means_the_newest_run_that_saved_one(tmp_path):
+    """As `fit --ckpt_path last` resumes: the newest version folder holding checkpoints/last.ckpt (a later
+    evaluation's folder holds none); a logger pinned to one folder: that folder's."""
+    from jsonargparse import Namespace
+    from biformer_lit.cli import ConfigError, _named_checkpoint
+    for version, files in ((0, ["last.ckpt"]), (2, ["last.ckpt", "best-3.ckpt"]), (10, []), (11, ["x"])):
+        (tmp_path / "exp" / f"version_{version}" / "checkpoints").mkdir(parents=True)
+        for f in files:
+            (tmp_path / "exp" / f"version_{version}" / "checkpoints" / f).write_bytes(b"")
+
+    def cfg(version=None):
+        logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                           init_args=Namespace(save_dir=str(tmp_path), name="exp", version=version))
+        return Namespace(trainer=Namespace(logger=logger), last_checkpoint=Namespace(dirpath=None))
+
+    newest = str(tmp_path / "exp" / "version_2" / "checkpoints" / "last.ckpt")
+    assert _named_checkpoint("validate", "last", cfg()) == newest
+    assert _named_checkpoint("predict", "last", cfg(0)) == str(tmp_path / "exp" / "version_0" / "checkpoints" / "last.ckpt")
+    assert _named_checkpoint("fit", "last", cfg()) is None  # fit's own resume (see _continue_logger_version)
+    with pytest.raises(ConfigError, match=r"no checkpoints/last.ckpt under .*version_10"):
+        _named_checkpoint("test", "last", cfg(10))
+    with pytest.raises(ConfigError, match=r"pass the file, e.g. .*version_2/checkpoints/best-3.ckpt$"):
+        _named_checkpoint("validate", "best", cfg())
+
+
 @pytest.mark.slow
 def test_bf16_mixed_via_cli(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)

@@ -210,6 +210,22 @@ def test_ema_test_and_predict(tmp_path):
     assert [float(r["probability"]) for r in rows] == pytest.approx(probs.max(-1).values.tolist(), abs=1e-6)
 
 
+def test_predictions_name_the_images_of_a_process_share(tmp_path):
+    """Under DDP a process predicts images r, r + world, ... (EvalShardSampler): its predictions_rank<r>.csv
+    wrote 0, 1, 2, ... as their "index in the split". Rank 1 of 2, in one process: indices 1, 3, 5, ..."""
+    import csv
+    from torch.utils.data import DataLoader
+    from biformer_lit.data.sampler import EvalShardSampler
+    dm = data()
+    dm.setup()
+    loader = DataLoader(dm.test_set, batch_size=4, sampler=EvalShardSampler(len(dm.test_set), rank=1, world=2))
+    m = module(dm)
+    trainer(tmp_path, limit_predict_batches=2).predict(m, loader)
+    rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
+    assert [int(r["index"]) for r in rows] == [1, 3, 5, 7, 9, 11, 13, 15]
+    assert [int(r["label"]) for r in rows] == [dm.test_set[int(r["index"])][1] for r in rows]
+
+
 @pytest.mark.slow
 def test_bf16_mixed_on_cpu(tmp_path):
     dm = data()

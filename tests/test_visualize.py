@@ -198,6 +198,29 @@ def test_main_from_lightning_checkpoint(tmp_path):
     assert rc == 0 and [p.name for p in (tmp_path / "o").iterdir()] == ["dog_stage1_block0_bra.png"]
 
 
+def test_main_feeds_a_checkpoint_its_own_data_normalisation(tmp_path, monkeypatch):
+    """A model of the synthetic task was fed ImageNet-normalised images, not its data's ((x - 0.32) / 0.14 at 8
+    classes): the drawn routing was not the routing it computes on its data (measured: 3% of stage-1 query
+    regions routed alike). The images it gets now are normalised as its training data were."""
+    from biformer_lit.data import ImageDataModule
+    from biformer_lit.data.datamodule import normalisation_of
+    module = pytest.importorskip("biformer_lit.module")
+    dm = ImageDataModule(img_size=64, num_classes=8, train_size=8, val_size=4)
+    assert normalisation_of(dict(dm.hparams)) == dm.normalisation
+    lm = module.ClassificationModule(model="biformer_cpu_tiny", num_classes=8)
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": lm.state_dict(), "hyper_parameters": dict(lm.hparams),
+                "datamodule_hyper_parameters": dict(dm.hparams), "pytorch-lightning_version": L.__version__}, ckpt)
+    write_image(tmp_path / "scene.png")
+    seen = []
+    record = V.record_layers
+    monkeypatch.setattr(V, "record_layers", lambda net, images, *a, **k: seen.append(images) or record(net, images, *a, **k))
+    assert V.main(["--ckpt_path", str(ckpt), "--image", str(tmp_path / "scene.png"), "--out", str(tmp_path / "o"),
+                   "--stage", "1"]) == 0
+    mean, std = dm.normalisation
+    torch.testing.assert_close(seen[0], (V.load_image(tmp_path / "scene.png", 64)[None] - mean[0]) / std[0])
+
+
 # --------------------------------------------------------------------------- callback
 
 class Tiny(L.LightningModule):

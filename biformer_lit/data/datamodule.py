@@ -18,6 +18,19 @@ DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
+def normalisation_of(hparams: dict):
+    """(mean, std) per channel with which a run of these data settings (an ImageDataModule's hyperparameters,
+    as a checkpoint keeps them) normalised its images: what a model trained there expects. ImageNet's for
+    an ImageFolder or where the settings are unknown."""
+    dataset = hparams.get("dataset")
+    if dataset == "synthetic":
+        ds = SyntheticRelations("val", img_size=hparams.get("img_size", 64), train_size=1, val_size=1,
+                                num_classes=hparams.get("num_classes") or DEFAULT_NUM_CLASSES,
+                                difficulty=hparams.get("difficulty", 0.5))
+        return (ds.mean,) * 3, (ds.std,) * 3
+    return CIFAR_STATS[dataset] if dataset in CIFAR else IMAGENET_STATS
+
+
 class ImageDataModule(L.LightningDataModule):
     """Train/val/test loaders for `dataset`; predict uses the test split.
 
