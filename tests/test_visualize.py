@@ -271,7 +271,8 @@ def test_callback_undoes_the_datamodule_normalisation():
     from biformer_lit.data import ImageDataModule
     dm = ImageDataModule(img_size=64, batch_size=4, train_size=8, val_size=4)
     mean, std = RoutingVisualizer().display_stats(SimpleNamespace(datamodule=dm))
-    assert (mean, std) == dm.normalisation and mean == (dm.val_set.mean,) * 3
+    dm.setup()
+    assert (mean, std) == dm.normalisation and (mean, std) == ((dm.val_set.mean,) * 3, (dm.val_set.std,) * 3)
     assert RoutingVisualizer(mean=None, std=None).display_stats(SimpleNamespace(datamodule=dm)) == (None, None)
     x = dm.val_set[0][0]
     unnormalised = float(x.mean() * dm.val_set.std + dm.val_set.mean)  # to_display clips the odd pixel

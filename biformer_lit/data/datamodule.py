@@ -138,10 +138,7 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def normalisation(self):
         """(mean, std) per channel of the normalised images: what a picture of them undoes for display."""
-        if self.dataset == "synthetic":
-            self.setup()
-            return (self.val_set.mean,) * 3, (self.val_set.std,) * 3
-        return CIFAR_STATS[self.dataset] if self.dataset in CIFAR else IMAGENET_STATS
+        return normalisation_of(self.hparams)
 
     def _loader(self, split: str) -> DataLoader:
         self.setup()  # no-op once done; lets the loaders be used without a Trainer
