@@ -56,6 +56,9 @@ FORWARDED = (signal.SIGTERM, signal.SIGUSR1)  # SLURM: preemption / time limit, 
 INSPECT_FLAGS = ("-h", "--help", "--print_config")  # and --<class>.help: `fit` answers, trains nothing
 
 
+NOT_TEXT = "not UTF-8 text; allowed: a YAML file"
+
+
 class AblationError(ValueError):
     """A malformed ablation section or selection (user input)."""
 
@@ -130,6 +133,8 @@ def load_config(paths: List[str]) -> dict:
                 loaded = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
                 raise AblationError(f"config file {p} is not valid YAML: {' '.join(str(e).split())}") from None
+            except UnicodeDecodeError:  # e.g. a checkpoint given as --config
+                raise AblationError(f"config file {p} is not a text file ({NOT_TEXT})") from None
         if not isinstance(loaded, dict):
             raise AblationError(f"config file {p} holds a {type(loaded).__name__}; allowed: a mapping of "
                                 "sections (model:, data:, trainer:, ...)")

@@ -77,6 +77,14 @@ class ShortErrorParser(LightningArgumentParser):
                 message += f" (did you mean --{close[0]}?)"
         super().error(message, ex)
 
+    def parse_path(self, path, *args, **kwargs):
+        """--config FILE (validate / test / predict; fit's files are read first by the ablation hook)."""
+        try:
+            return super().parse_path(path, *args, **kwargs)
+        except UnicodeDecodeError:  # e.g. a checkpoint given as --config: jsonargparse lets it escape
+            from .ablation import NOT_TEXT
+            self.error(f"config file {path} is not a text file ({NOT_TEXT})")
+
 
 class BiFormerCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:

@@ -279,3 +279,17 @@ def test_evaluating_a_checkpoint_on_other_data_settings_warns(tmp_path, capsys):
 def test_top_level_help_names_every_command(tmp_path):
     out = cli(["--help"], tmp_path).stdout
     assert all(c in out for c in ("fit", "validate", "test", "predict", "cli.py report", "cli.py visualize"))
+
+
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_a_binary_config_file_is_a_short_error(tmp_path, capsys, command):
+    """A checkpoint given as --config: fit's ablation hook and jsonargparse both let a UnicodeDecodeError
+    escape with a traceback."""
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, path)
+    try:
+        code = main([command, "--config", str(path)])
+    except SystemExit as e:  # jsonargparse's own error exit
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: config file {path} is not a text file (not UTF-8 text; allowed: a YAML file)" in err
