@@ -66,6 +66,10 @@ RECIPE_RANGES = {
 def check_recipe(**settings) -> None:
     for name, value in settings.items():
         ok, allowed = RECIPE_RANGES[name]
+        # a YAML `.inf` passes every lower bound: eps=inf zeroed the Adam step, warmup_epochs=inf failed mid-run
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, (tuple, list))
+                                                                         else [value])):
+            raise ValueError(f"{name}={value!r}; allowed: a finite number, {allowed}")
         if not ok(value):
             raise ValueError(f"{name}={value!r}; allowed: {allowed}")
     if settings.get("min_lr", 0) > settings.get("lr", float("inf")):  # the "decay" would raise the lr

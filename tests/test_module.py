@@ -76,6 +76,10 @@ def test_img_size_only_for_models_that_take_it():
     (dict(betas=(0.9, 1.0)), r"betas=\(0.9, 1.0\); allowed: two values in \[0, 1\)"),
     (dict(warmup_steps=-3), r"warmup_steps=-3; allowed: >= 0"), (dict(weight_decay=-0.1), r"weight_decay=-0.1"),
     (dict(lr=1e-4, min_lr=1e-3), r"min_lr=0.001 is above lr=0.0001; allowed: min_lr <= lr"),
+    # from a YAML `.inf`: eps=inf zeroed the Adam step (exit 0), warmup_epochs=inf ended in a traceback
+    (dict(eps=float("inf")), r"eps=inf; allowed: a finite number, > 0"),
+    (dict(warmup_epochs=float("inf")), r"warmup_epochs=inf; allowed: a finite number, >= 0"),
+    (dict(lr=float("inf")), r"lr=inf; allowed: a finite number"), (dict(mixup=float("inf")), r"mixup=inf"),
 ])
 def test_recipe_settings_out_of_range_are_rejected_before_training(kwargs, match):
     """Each used to fail mid-run (AdamW, the loss, drop path) with a traceback, or (EMA) train silently."""
