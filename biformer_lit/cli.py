@@ -8,6 +8,7 @@ Bad input (data, checkpoints, model settings) ends with `error: <message>` and e
 other exceptions are bugs and keep their traceback.
 """
 import difflib
+import glob
 import inspect
 import os
 import re
@@ -102,6 +103,8 @@ class BiFormerCLI(LightningCLI):
         # file first, so a corrupt, truncated or foreign file is a one-line error, not a traceback
         cfg = self.config.get(self.config.get("subcommand") or "", {})
         path = cfg.get("ckpt_path") if hasattr(cfg, "get") else None
+        if path is not None:
+            _check_ckpt_path(path, cfg.trainer.get("default_root_dir"))
         if path and os.path.isfile(path):
             ckpt = check_resume_checkpoint(path, weights_only=cfg.get("weights_only") is not False)
             if self.config.get("subcommand") in ("validate", "test", "predict"):
@@ -115,6 +118,20 @@ class BiFormerCLI(LightningCLI):
             _refuse_foreign_hpc_checkpoints(cfg.trainer.get("default_root_dir"))
         elif self.subcommand == "fit" and not cfg.last_checkpoint.get("dirpath"):
             _continue_logger_version(cfg.trainer.get("logger"), cfg.ckpt_path)
+
+    def _before_evaluating(self) -> None:
+        # Lightning's `last` looks in this run's new version folder, which holds no checkpoint: it would
+        # evaluate the untrained model after a warning (fit starts a fresh run instead: documented, kept)
+        if self.config_init[self.subcommand].get("ckpt_path") != "last":
+            return
+        if not any(cb._find_last_checkpoints(self.trainer) for cb in self.trainer.checkpoint_callbacks
+                   if isinstance(cb, ModelCheckpoint)):
+            raise ConfigError(f"--ckpt_path last: this {self.subcommand} run's checkpoint folder holds no last.ckpt "
+                              f"(it is a new logger version unless the logger's version is set), so the untrained "
+                              f"model would be evaluated; give the file, e.g. "
+                              f"runs/<name>/version_N/checkpoints/last.ckpt")
+
+    before_validate = before_test = before_predict = _before_evaluating
 
     def instantiate_classes(self) -> None:
         try:
@@ -150,6 +167,21 @@ def _with_allowed_kwargs(message: str) -> str:
     close = difflib.get_close_matches(found.group(1), allowed, n=1)
     return (f"model_kwargs: BiFormer takes no {found.group(1)!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
             + f"; allowed: {', '.join(allowed)}")
+
+
+def _check_ckpt_path(path: str, default_root_dir) -> None:
+    """The values of --ckpt_path that Lightning would only turn into a traceback (or ignore)."""
+    allowed = "allowed: a checkpoint file, or last (the run's newest last.ckpt)"
+    if not str(path).strip():  # e.g. --ckpt_path=$CKPT with CKPT unset
+        raise ConfigError(f"--ckpt_path is empty; {allowed}")
+    if os.path.isdir(path):
+        raise ConfigError(f"--ckpt_path {path} is a folder; {allowed}, e.g. {os.path.join(path, 'last.ckpt')}")
+    if path == "best":  # Lightning's "best" is the best of a fit in the same process: there is none here
+        raise ConfigError("--ckpt_path best: a new process has no best checkpoint of its own; give the file, "
+                          "e.g. runs/<name>/version_N/checkpoints/best-<epoch>.ckpt")
+    folder = default_root_dir or os.getcwd()
+    if path == "hpc" and not glob.glob(os.path.join(glob.escape(folder), "hpc_ckpt_*.ckpt")):
+        raise ConfigError(f"--ckpt_path hpc: no hpc_ckpt_*.ckpt in {folder}; {allowed}")
 
 
 def _refuse_foreign_hpc_checkpoints(default_root_dir) -> None:

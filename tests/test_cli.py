@@ -293,3 +293,22 @@ def test_a_binary_config_file_is_a_short_error(tmp_path, capsys, command):
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and f"error: config file {path} is not a text file (not UTF-8 text; allowed: a YAML file)" in err
+
+
+@pytest.mark.parametrize("command,ckpt,message", [
+    ("fit", "", "--ckpt_path is empty; allowed: a checkpoint file, or last"),  # e.g. --ckpt_path=$CKPT, CKPT unset
+    ("fit", "{tmp}", "--ckpt_path {tmp} is a folder; allowed: a checkpoint file"),
+    ("validate", "best", "--ckpt_path best: a new process has no best checkpoint of its own"),
+    ("fit", "hpc", "--ckpt_path hpc: no hpc_ckpt_*.ckpt in {tmp}"),
+    ("validate", "last", "--ckpt_path last: this validate run's checkpoint folder holds no last.ckpt"),
+    ("predict", "last", "--ckpt_path last: this predict run's checkpoint folder holds no last.ckpt"),
+])
+def test_ckpt_path_values_lightning_cannot_use_are_short_errors(monkeypatch, tmp_path, capsys, command, ckpt,
+                                                                 message):
+    """Each was a ValueError / IsADirectoryError traceback, or (validate/predict `last`: Lightning finds no
+    last.ckpt in the new version folder) an evaluation of the untrained model with exit 0."""
+    monkeypatch.chdir(tmp_path)
+    assert main([command, *SMALL, f"--ckpt_path={ckpt.format(tmp=tmp_path)}"]) == 2
+    err = capsys.readouterr().err
+    assert "error: " + message.format(tmp=tmp_path) in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("predictions.csv"))
