@@ -70,6 +70,20 @@ def test_img_size_only_for_models_that_take_it():
 
 
 @pytest.mark.parametrize("kwargs,match", [
+    # silently replaced by drop_path
+    (dict(model_kwargs={"drop_path_rate": 0.3}), r"model_kwargs.drop_path_rate=0.3: set --model.drop_path instead"),
+    # a traceback at the first batch (the data's images have 3 channels)
+    (dict(model_kwargs={"in_chans": 1}), r"model_kwargs.in_chans=1: every dataset here gives 3-channel \(RGB\) "
+                                         r"images; allowed: 3"),
+    # ignored (e.g. --model.init_from=$INIT with INIT unset): a run from random weights
+    (dict(init_from=""), r"init_from is empty; allowed: a weights file, or leave it unset"),
+])
+def test_model_settings_that_were_ignored_or_failed_later_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ClassificationModule(num_classes=3, img_size=32, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
     (dict(lr=-1.0), r"lr=-1.0; allowed: > 0"), (dict(drop_path=1.5), r"drop_path=1.5; allowed: \[0, 1\)"),
     (dict(label_smoothing=1.5), r"label_smoothing=1.5; allowed: \[0, 1\)"),
     (dict(ema_decay=2.0), r"ema_decay=2.0; allowed: \(0, 1\)"), (dict(mixup_prob=1.2), r"mixup_prob=1.2"),
