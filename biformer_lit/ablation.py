@@ -201,6 +201,9 @@ def plan(section: dict) -> dict:
     if not isinstance(seeds, list) or not seeds:
         raise AblationError(f"ablation.seeds={seeds!r}; allowed: an integer or a list of them, e.g. [0, 1, 2]")
     seeds = [_as_int("seeds", x, 0) for x in seeds]
+    from .reliability import check_seed  # here: the runner imports no torch / Lightning until it must
+    for x in seeds:  # each is its arm's seed_everything: beyond its range every arm would fail
+        check_seed("ablation.seeds", x, AblationError)
     if len(set(seeds)) != len(seeds):  # both would run in the same seed_<n> folder
         raise AblationError(f"ablation.seeds={seeds!r}; allowed: distinct integers >= 0")
     out = dict(name=_as_name("ablation.name", section.get("name", "ablation")), seeds=seeds,

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from .checkpoint import CheckpointError, check_resume_checkpoint
 from .errors import report_storage_error
 from .module import ClassificationModule, NonFiniteLossError
+from .reliability import check_seed
 
 TRAINER_DEFAULTS = {
     "max_epochs": 10,  # CPU-sized; ImageNet runs set 300 (docs/training.md)
@@ -103,6 +104,9 @@ class BiFormerCLI(LightningCLI):
         # file first, so a corrupt, truncated or foreign file is a one-line error, not a traceback
         cfg = self.config.get(self.config.get("subcommand") or "", {})
         path = cfg.get("ckpt_path") if hasattr(cfg, "get") else None
+        seed = cfg.get("seed_everything") if hasattr(cfg, "get") else None
+        if not isinstance(seed, bool) and seed is not None:  # true / false: seed at random / not at all
+            check_seed("seed_everything", seed, ConfigError)
         if path is not None:
             _check_ckpt_path(path, cfg.trainer.get("default_root_dir"))
         if path and os.path.isfile(path):

@@ -104,6 +104,8 @@ def test_selection_by_name_and_index(tmp_path, capsys, monkeypatch):
     ("--ablation.parallel=abc", r"ablation.parallel='abc'; allowed: an integer >= 1"),
     ("--ablation.seeds=[0,1", r"--ablation.seeds='\[0,1' is not a valid value"),
     ("--ablation.seeds=[a]", r"ablation.seeds='a'; allowed: an integer >= 0"),
+    # beyond seed_everything's range: each arm failed with a traceback
+    ("--ablation.seeds=[0,4294967296]", r"ablation.seeds=4294967296; allowed: an integer in 0..4294967295"),
 ])
 def test_bad_ablation_values_are_rejected(tmp_path, flag, match):
     path = write_ablation(tmp_path)

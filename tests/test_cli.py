@@ -312,3 +312,13 @@ def test_ckpt_path_values_lightning_cannot_use_are_short_errors(monkeypatch, tmp
     err = capsys.readouterr().err
     assert "error: " + message.format(tmp=tmp_path) in err and "Traceback" not in err
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("predictions.csv"))
+
+
+def test_a_seed_out_of_range_is_a_short_error(monkeypatch, tmp_path, capsys):
+    """seed_everything raised a ValueError traceback; a data seed beyond torch's generators failed mid-run."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", *SMALL, "--seed_everything", "-5"]) == 2
+    assert "error: seed_everything=-5; allowed: an integer in 0..4294967295" in capsys.readouterr().err
+    assert main(["fit", *SMALL, "--data.seed", str(10**23)]) == 2
+    assert f"error: seed={10**23}; allowed: an integer in 0..4294967295" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ckpt"))

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..reliability import check_seed
 from . import DataError
 from .datasets import CIFAR, CIFAR_STATS, ImageFolderDataset, cifar, class_folders
 from .sampler import EpochSeededDataset, EpochShuffleSampler, EvalShardSampler
@@ -38,6 +39,7 @@ class ImageDataModule(L.LightningDataModule):
         for name, v, lo in (("img_size", img_size, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
             if not isinstance(v, int) or v < lo:
                 raise DataError(f"{name}={v!r} must be an integer >= {lo}")
+        check_seed("seed", seed, DataError)
         if not 0.0 <= random_erasing <= 1.0:
             raise DataError(f"random_erasing={random_erasing!r} is a probability: use a value in [0, 1]")
         if dataset == "synthetic":
