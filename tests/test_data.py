@@ -209,6 +209,11 @@ def test_num_classes_before_setup(tmp_path):
     (dict(difficulty=-0.1), ["difficulty=-0.1"]),
     (dict(batch_size=0), ["batch_size=0"]),
     (dict(seed=2**64), ["seed=18446744073709551616", "0..4294967295"]),  # was a traceback at the first epoch
+    # timm's parser asserts: each was an AssertionError / ValueError traceback once the run had started
+    (dict(dataset="cifar10", root="x", rand_augment="bogus"), ["rand_augment='bogus'", "Unknown AA policy bogus",
+                                                               "rand-m9-mstd0.5-inc1"]),
+    (dict(dataset="cifar10", root="x", rand_augment="randx"), ["rand_augment='randx'", "(AssertionError)",
+                                                               "allowed: e.g."]),
     (dict(rand_augment="rand-m9-mstd0.5-inc1"), ["rand_augment='rand-m9-mstd0.5-inc1'", "real data"]),
     (dict(dataset="cifar10", root="x", random_erasing=2.0), ["random_erasing=2.0"]),
 ])

@@ -19,6 +19,18 @@ DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
+def check_rand_augment(text: str) -> None:
+    """A timm augmentation string, parsed now: timm's parser asserts, so a typo was an AssertionError
+    traceback once the run had started."""
+    from timm.data import create_transform
+    try:
+        create_transform(32, is_training=True, auto_augment=text)
+    except (AssertionError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise DataError(f"rand_augment={text!r} is not a timm augmentation string ({str(e) or type(e).__name__}); "
+                        f"allowed: e.g. rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2 (AugMix), original or v0 "
+                        f"(AutoAugment), or unset") from None
+
+
 class ImageDataModule(L.LightningDataModule):
     """Train/val/test loaders for `dataset`; predict uses the test split.
 
@@ -50,6 +62,8 @@ class ImageDataModule(L.LightningDataModule):
                            train_size, val_size)
         elif root is None:
             raise DataError(f"dataset {dataset!r} needs --data.root (the folder holding its files)")
+        if rand_augment and dataset != "synthetic":
+            check_rand_augment(rand_augment)
         self.save_hyperparameters()
         self.dataset, self.root, self.img_size, self.batch_size = dataset, root, img_size, batch_size
         self.num_workers, self.seed, self.pin_memory = num_workers, seed, pin_memory
