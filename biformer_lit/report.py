@@ -77,6 +77,19 @@ def _merge(files: list[Path]) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(by_step.items()) for tag, by_step in merged.items()}
 
 
+def _read_arm_json(path: Path) -> dict:
+    """A run's arm.json (the ablation runner's status file); ValueError naming the file if it is not one."""
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # the bare JSON message named no file
+        raise ValueError(f"{path} is not valid JSON ({e}); allowed: the runner's status file (a JSON object): "
+                         f"fix or delete it") from None
+    if not isinstance(meta, dict):  # was an AttributeError traceback
+        raise ValueError(f"{path} holds a {type(meta).__name__}; allowed: the runner's status file (a JSON "
+                         f"object): fix or delete it")
+    return meta
+
+
 def load_runs(ablation_dir) -> list[dict]:
     """Every run below ``ablation_dir`` (any depth), with all its scalars.
 
@@ -97,9 +110,7 @@ def load_runs(ablation_dir) -> list[dict]:
 
     runs = []
     for root, files in groups.items():
-        meta = {}
-        if (root / "arm.json").is_file():
-            meta = json.loads((root / "arm.json").read_text())
+        meta = _read_arm_json(root / "arm.json") if (root / "arm.json").is_file() else {}
         m = _SEED_DIR.match(root.name)
         seed = meta.get("seed", int(m.group(1)) if m else None)
         # Path fallback: <arm>/seed_<n>; a bare folder of events is its own arm.
