@@ -400,7 +400,7 @@ def load_image(path: Path, size: int) -> torch.Tensor:
         with Image.open(path) as im:
             im = im.convert("RGB").resize((size, size), Image.BICUBIC)
             return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
-    except OSError as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # as the datasets catch them
         raise UsageError(f"cannot read image {path}: {e}") from None
 
 
@@ -444,11 +444,17 @@ def load_checkpoint_model(path: Path, trust: bool) -> nn.Module:
     from .checkpoint import CheckpointError, check_resume_checkpoint
     try:
         # weights_only refuses arbitrary pickled objects; --trust_checkpoint lifts that for own files
-        check_resume_checkpoint(path, weights_only=not trust, instead="--model NAME --weights FILE")
+        ckpt = check_resume_checkpoint(path, weights_only=not trust, instead="--model NAME --weights FILE")
     except CheckpointError as e:
         hint = "; if you trust the file, pass --trust_checkpoint" if "more than tensors" in str(e) else ""
         raise UsageError(f"{e}{hint}") from None
-    return ClassificationModule.load_from_checkpoint(path, map_location="cpu", weights_only=not trust).model
+    if "model" not in (ckpt.get("hyper_parameters") or {}):  # was built with defaults, then a traceback
+        raise UsageError(f"{path} is a Lightning checkpoint of another module (no ClassificationModule settings); "
+                         f"for its weights use --model NAME --weights {path}")
+    try:
+        return ClassificationModule.load_from_checkpoint(path, map_location="cpu", weights_only=not trust).model
+    except ValueError as e:  # its settings build no model (e.g. an unknown model name), or its weights don't fit
+        raise UsageError(f"{path}: {e}") from None
 
 
 def model_img_size(net: nn.Module) -> int:
