@@ -123,13 +123,25 @@ class BiFormerCLI(LightningCLI):
         elif self.subcommand == "fit" and not cfg.last_checkpoint.get("dirpath"):
             _continue_logger_version(cfg.trainer.get("logger"), cfg.ckpt_path)
 
+    def _last_checkpoints(self) -> List[str]:
+        """The last*.ckpt files in this run's checkpoint folder, found as Lightning finds `--ckpt_path last`."""
+        return sorted({p for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
+                       for p in cb._find_last_checkpoints(self.trainer)})
+
+    def before_fit(self) -> None:
+        # A new run into a fixed checkpoint folder (the logger's version set, as in an ablation arm's
+        # config.yaml; --last_checkpoint.dirpath; no logger) that holds a run's last.ckpt would overwrite it
+        # (Lightning only warns) and append a second curve to that run's event files
+        found = self._last_checkpoints() if self.config_init.fit.get("ckpt_path") is None else []
+        if found:
+            raise ConfigError(f"{found[0]} holds an earlier run's last checkpoint, which this fit would overwrite: "
+                              f"continue that run with --ckpt_path last, or log this one elsewhere (another "
+                              f"--trainer.logger.init_args.version or save_dir)")
+
     def _before_evaluating(self) -> None:
         # Lightning's `last` looks in this run's new version folder, which holds no checkpoint: it would
         # evaluate the untrained model after a warning (fit starts a fresh run instead: documented, kept)
-        if self.config_init[self.subcommand].get("ckpt_path") != "last":
-            return
-        if not any(cb._find_last_checkpoints(self.trainer) for cb in self.trainer.checkpoint_callbacks
-                   if isinstance(cb, ModelCheckpoint)):
+        if self.config_init[self.subcommand].get("ckpt_path") == "last" and not self._last_checkpoints():
             raise ConfigError(f"--ckpt_path last: this {self.subcommand} run's checkpoint folder holds no last.ckpt "
                               f"(it is a new logger version unless the logger's version is set), so the untrained "
                               f"model would be evaluated; give the file, e.g. "

@@ -322,3 +322,20 @@ def test_a_seed_out_of_range_is_a_short_error(monkeypatch, tmp_path, capsys):
     assert main(["fit", *SMALL, "--data.seed", str(10**23)]) == 2
     assert f"error: seed={10**23}; allowed: an integer in 0..4294967295" in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("where", [["--trainer.logger.init_args.version", "0"],  # as an ablation arm's config.yaml
+                                   ["--last_checkpoint.dirpath", "runs/default/version_0/checkpoints"],
+                                   ["--trainer.logger", "false", "--trainer.default_root_dir",
+                                    "runs/default/version_0"]])
+def test_a_new_fit_does_not_overwrite_a_runs_last_checkpoint(monkeypatch, tmp_path, capsys, where):
+    """A fit without --ckpt_path into a fixed checkpoint folder overwrote that run's last.ckpt (Lightning only
+    warned that the folder is not empty) and appended a second curve to its event files."""
+    monkeypatch.chdir(tmp_path)
+    last = tmp_path / "runs" / "default" / "version_0" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"an earlier run's checkpoint")
+    assert main(["fit", *SMALL, "--trainer.max_epochs", "1", *where]) == 2
+    assert (f"error: {last} holds an earlier run's last checkpoint, which this fit would overwrite: continue that "
+            f"run with --ckpt_path last") in capsys.readouterr().err
+    assert last.read_bytes() == b"an earlier run's checkpoint" and not list(last.parent.parent.glob("events.*"))
