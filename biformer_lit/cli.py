@@ -163,6 +163,18 @@ class BiFormerCLI(LightningCLI):
                 raise
             raise ConfigError(_with_allowed_kwargs(str(e))) from e
 
+    def instantiate_trainer(self, **kwargs):
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except RuntimeError as e:
+            # Trainer() checks its environment, e.g. SLURM variables left set outside a job step
+            # (SLURM_NTASKS=2 without srun): the user's to fix; our callbacks and plugins are built before this
+            from lightning.fabric.plugins.environments import SLURMEnvironment
+            slurm = sorted(k for k in os.environ if k.startswith("SLURM_")) if SLURMEnvironment.detect() else []
+            where = f" (SLURM variables are set here: {', '.join(slurm[:4])}{' ...' if len(slurm) > 4 else ''}; " \
+                    f"outside a SLURM job step, unset them)" if slurm else ""
+            raise ConfigError(f"the trainer cannot start: {e}{where}") from e
+
     def after_instantiate_classes(self) -> None:
         # Lightning merges model and data hparams for the logger and rejects a key with two values:
         # record the data's resolved num_classes (None = "derive it") as the value the model got.

@@ -339,3 +339,15 @@ def test_a_new_fit_does_not_overwrite_a_runs_last_checkpoint(monkeypatch, tmp_pa
     assert (f"error: {last} holds an earlier run's last checkpoint, which this fit would overwrite: continue that "
             f"run with --ckpt_path last") in capsys.readouterr().err
     assert last.read_bytes() == b"an earlier run's checkpoint" and not list(last.parent.parent.glob("events.*"))
+
+
+def test_slurm_variables_outside_a_job_step_are_a_short_error(monkeypatch, tmp_path, capsys):
+    """SLURM_NTASKS=2 left in the environment (e.g. a shell of an allocation, without srun): Lightning's
+    RuntimeError from Trainer() ended in a traceback."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    assert main(["fit", *SMALL, "--trainer.max_epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the trainer cannot start: You set `--ntasks=2`") and "SLURM_NTASKS" in err
+    assert "outside a SLURM job step, unset them" in err and not list(tmp_path.rglob("*.ckpt"))
