@@ -10,6 +10,7 @@ other exceptions are bugs and keep their traceback.
 import difflib
 import glob
 import inspect
+import math
 import os
 import re
 import sys
@@ -107,6 +108,8 @@ class BiFormerCLI(LightningCLI):
         seed = cfg.get("seed_everything") if hasattr(cfg, "get") else None
         if not isinstance(seed, bool) and seed is not None:  # true / false: seed at random / not at all
             check_seed("seed_everything", seed, ConfigError)
+        if hasattr(cfg, "get") and cfg.get("trainer") is not None:
+            _check_trainer(cfg.trainer)
         if path is not None:
             _check_ckpt_path(path, cfg.trainer.get("default_root_dir"))
         if path and os.path.isfile(path):
@@ -195,6 +198,23 @@ def _with_allowed_kwargs(message: str) -> str:
     close = difflib.get_close_matches(found.group(1), allowed, n=1)
     return (f"model_kwargs: BiFormer takes no {found.group(1)!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
             + f"; allowed: {', '.join(allowed)}")
+
+
+def _check_trainer(trainer) -> None:
+    """Trainer settings Lightning takes unchecked: 0 ended in a ZeroDivisionError traceback mid-run, a negative
+    accumulation in a negative lr (AdamW's traceback), a negative clip value turned clipping off silently."""
+    def bad(key, value, allowed):
+        raise ConfigError(f"trainer.{key}={value!r}; allowed: {allowed}")
+
+    acc = trainer.get("accumulate_grad_batches")
+    if isinstance(acc, int) and acc < 1:
+        bad("accumulate_grad_batches", acc, "an integer >= 1")
+    clip = trainer.get("gradient_clip_val")
+    if isinstance(clip, (int, float)) and not (math.isfinite(clip) and clip >= 0):
+        bad("gradient_clip_val", clip, "a finite number >= 0 (0 or null: no clipping)")
+    every = trainer.get("val_check_interval")
+    if isinstance(every, float) and not 0 < every <= 1 or isinstance(every, int) and every < 1:
+        bad("val_check_interval", every, "a fraction of the epoch in (0, 1], or a number of batches >= 1")
 
 
 def _check_ckpt_path(path: str, default_root_dir) -> None:

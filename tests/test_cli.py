@@ -351,3 +351,17 @@ def test_slurm_variables_outside_a_job_step_are_a_short_error(monkeypatch, tmp_p
     err = capsys.readouterr().err
     assert err.startswith("error: the trainer cannot start: You set `--ntasks=2`") and "SLURM_NTASKS" in err
     assert "outside a SLURM job step, unset them" in err and not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("flag,value,allowed", [
+    ("accumulate_grad_batches", "0", "an integer >= 1"),  # ZeroDivisionError mid-run
+    ("accumulate_grad_batches", "-1", "an integer >= 1"),  # a negative lr: AdamW's ValueError traceback
+    ("val_check_interval", "0", "a fraction of the epoch in (0, 1], or a number of batches >= 1"),  # ZeroDivision
+    ("gradient_clip_val", "-1.0", "a finite number >= 0 (0 or null: no clipping)"),  # clipping silently off
+])
+def test_trainer_settings_lightning_takes_unchecked_are_short_errors(monkeypatch, tmp_path, capsys, flag, value,
+                                                                     allowed):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", *SMALL, "--trainer.max_epochs", "1", f"--trainer.{flag}", value]) == 2
+    assert f"error: trainer.{flag}={value}; allowed: {allowed}" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ckpt"))
