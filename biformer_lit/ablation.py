@@ -468,6 +468,11 @@ def maybe_run_ablation(argv: List[str]) -> Optional[int]:
         if ablation_flags:
             raise AblationError("--ablation.* given, but no config has an `ablation:` section")
         return None
+    for key, val, _ in _options(passthrough):
+        if key == "--ckpt_path" and val != "last":  # `last`: each arm's own, as the runner resumes anyway
+            raise AblationError(f"--ckpt_path {val}: every arm would resume from that one file, and take its model "
+                                "settings; allowed: no --ckpt_path (or last): the same command resumes each "
+                                "interrupted arm from its own last.ckpt")
     section = cfg.pop("ablation") or {}
     p = plan(deep_merge(section, ablation_flags) if isinstance(section, dict) else section)  # plan names a non-mapping
     jobs = []

@@ -126,6 +126,9 @@ def test_bad_ablation_values_are_rejected(tmp_path, flag, match):
      r"ablation.arms\[0\] \(x\): unknown key\(s\) \['overides'\]; allowed: name, overrides"),
     ("--ablation.arms=[x]", r"ablation.arms\[0\]='x'; allowed: \{name: ..., overrides"),
     ("--ablation.arms=[{name: [x]}]", r"ablation.arms\[0\].name=\['x'\]; allowed: a folder name"),
+    # every arm resumed from that one file, with its model settings (LightningCLI restores them)
+    ("--ckpt_path=runs/mini/k1/seed_0/checkpoints/last.ckpt",
+     r"--ckpt_path runs/mini/k1/seed_0/checkpoints/last.ckpt: every arm would resume from that one file"),
 ])
 def test_wrong_types_and_silent_mistakes_are_rejected(tmp_path, flag, match):
     """Each was a traceback, or taken silently (bool('maybe'), a misspelled arm key running the base config,
