@@ -1,7 +1,9 @@
 """Failures of the storage under a run (read-only or full disk, no permission): the environment, not a
 bug, so the commands report them as one `error:` line instead of a traceback."""
+import argparse
 import errno
 import sys
+from pathlib import Path
 from typing import Optional
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -38,3 +40,11 @@ def report_storage_error(e: BaseException, hint: str = "") -> int:
         raise e
     print(f"error: {message}{hint}", file=sys.stderr)
     return 2
+
+
+def folder_arg(text: str) -> Path:
+    """argparse type of the folder arguments of `report` and `visualize`: an empty one (a quoted unset variable)
+    is refused, since Path("") is the working folder, where they would read and write instead."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; allowed: a folder path")
+    return Path(text)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from statistics import mean, stdev
 
-from .errors import report_storage_error
+from .errors import folder_arg, report_storage_error
 
 EVENT_GLOB = "events.out.tfevents.*"
 DASH = "—"
@@ -390,8 +390,8 @@ def _write_report(ablation_dir, out_dir) -> tuple[Path, str, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``report <ablation_dir> [--out DIR]`` (argv excludes the subcommand name)."""
     parser = argparse.ArgumentParser(prog="cli.py report", description=__doc__.splitlines()[0])
-    parser.add_argument("ablation_dir", type=Path, help="runs/<ablation> folder")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: ablation_dir)")
+    parser.add_argument("ablation_dir", type=folder_arg, help="runs/<ablation> folder")
+    parser.add_argument("--out", type=folder_arg, default=None, help="output folder (default: ablation_dir)")
     args = parser.parse_args(argv)
     try:
         path, table, unfinished = _write_report(args.ablation_dir, args.out)

@@ -25,7 +25,7 @@ from matplotlib.patches import Rectangle
 
 from .attention import reference as ref
 from .attention.base import TokenMixer
-from .errors import report_storage_error
+from .errors import folder_arg, report_storage_error
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust_checkpoint", action="store_true",
                    help="allow full unpickling of --ckpt_path (only for files you trust)")
     p.add_argument("--image", type=Path, nargs="+", required=True)
-    p.add_argument("--out", type=Path, required=True, help="output folder for the PNGs")
+    p.add_argument("--out", type=folder_arg, required=True, help="output folder for the PNGs")
     p.add_argument("--img_size", type=int, help="input size (default: the model's)")
     p.add_argument("--stage", type=int, nargs="+", help="stages to draw (default: all)")
     p.add_argument("--all_blocks", action="store_true", help="every block, not just the last of each stage")

@@ -184,3 +184,16 @@ def test_unwritable_output_is_a_short_error(ablation, tmp_path, capsys, monkeypa
     assert report.main([str(ablation), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "error: cannot access " in err and "val_top1_curves.png: Permission denied (write the report elsewhere with --out DIR)" in err
+
+
+@pytest.mark.parametrize("args", [[""], ["runs/x", "--out", ""]])
+def test_an_empty_folder_argument_is_refused(tmp_path, capsys, monkeypatch, args):
+    """Path("") is the working folder: `report ""` (a quoted unset variable) read every run below it and wrote
+    report.md and the plots there, exit 0."""
+    monkeypatch.chdir(tmp_path)
+    with SummaryWriter(tmp_path / "runs" / "x" / "k1" / "seed_0") as w:
+        w.add_scalar("val/top1", 50.0, 1)
+    with pytest.raises(SystemExit) as e:
+        report.main(args)
+    assert e.value.code == 2 and "empty; allowed: a folder path" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.md")) and not list(tmp_path.glob("*.png"))

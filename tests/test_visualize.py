@@ -325,3 +325,12 @@ def test_main_foreign_inputs_are_clean_errors(tmp_path, capsys, case, message):
     rc = V.main([*source, "--image", str(image), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: " + message.format(tmp=tmp_path)) and len(err.splitlines()) == 1, err
+
+
+def test_main_empty_out_is_refused(tmp_path, capsys, monkeypatch):
+    """--out "" is Path(""), the working folder: the pictures were written there, exit 0."""
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "cat.png")
+    assert V.main(["--model", "biformer_cpu_tiny", "--image", "cat.png", "--out", ""]) == 2
+    assert "argument --out: empty; allowed: a folder path" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["cat.png"]
