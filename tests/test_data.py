@@ -205,6 +205,7 @@ def test_num_classes_before_setup(tmp_path):
     (dict(dataset="mnist"), ["'mnist'", "synthetic, cifar10, cifar100, imagefolder"]),
     (dict(dataset="cifar10", root="x", num_classes=100), ["num_classes=100", "10 classes"]),
     (dict(dataset="cifar10"), ["--data.root"]),
+    (dict(dataset="imagefolder", root=""), ["--data.root", "got ''"]),  # said "image folder root  does not exist"
     (dict(num_classes=40), ["num_classes=40"]),
     (dict(difficulty=-0.1), ["difficulty=-0.1"]),
     (dict(batch_size=0), ["batch_size=0"]),
@@ -263,8 +264,11 @@ def test_imagefolder_loaders(tmp_path):
 
 
 def test_imagefolder_missing_folders(tmp_path):
-    with pytest.raises(DataError, match="nowhere"):
+    with pytest.raises(DataError, match="nowhere does not exist"):
         ImageDataModule("imagefolder", root=str(tmp_path / "nowhere")).num_classes
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(DataError, match="afile is a file, not a folder"):  # it said "does not exist"
+        ImageDataModule("imagefolder", root=str(tmp_path / "afile")).num_classes
     root = _image_folder(tmp_path, splits=("train",))
     dm = ImageDataModule("imagefolder", root=str(root))
     with pytest.raises(DataError) as err:

@@ -60,8 +60,8 @@ class ImageDataModule(L.LightningDataModule):
                                 "real data only (they would change the synthetic labels): leave them unset")
             check_settings(DEFAULT_NUM_CLASSES if num_classes is None else num_classes, difficulty,
                            train_size, val_size)
-        elif root is None:
-            raise DataError(f"dataset {dataset!r} needs --data.root (the folder holding its files)")
+        elif root is None or not str(root).strip():  # "": the working folder, named nowhere in the errors
+            raise DataError(f"dataset {dataset!r} needs --data.root (the folder holding its files), got {root!r}")
         if rand_augment and dataset != "synthetic":
             check_rand_augment(rand_augment)
         self.save_hyperparameters()
