@@ -46,6 +46,13 @@ def create_model(name: str, num_classes: int, img_size: int, drop_path: float,
     if (kwargs or {}).get("in_chans", 3) != 3:  # it failed at the first batch with a traceback
         raise ValueError(f"model_kwargs.in_chans={kwargs['in_chans']!r}: every dataset here gives 3-channel (RGB) "
                          f"images; allowed: 3 (or leave it unset)")
+    # timm switches that make no classifier to train: a traceback at construction / the first batch
+    if (kwargs or {}).get("pretrained"):
+        raise ValueError("model_kwargs.pretrained: weights come from a file here (no downloads): use "
+                         "--model.init_from FILE")
+    if (kwargs or {}).get("features_only"):
+        raise ValueError("model_kwargs.features_only: a backbone gives feature maps, not the class logits this "
+                         "module trains on; leave it unset")
     kwargs = dict(kwargs or {}, num_classes=num_classes, drop_path_rate=drop_path)
     try:
         return timm.create_model(name, img_size=img_size, **kwargs)

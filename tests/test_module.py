@@ -75,6 +75,9 @@ def test_img_size_only_for_models_that_take_it():
     # a traceback at the first batch (the data's images have 3 channels)
     (dict(model_kwargs={"in_chans": 1}), r"model_kwargs.in_chans=1: every dataset here gives 3-channel \(RGB\) "
                                          r"images; allowed: 3"),
+    # timm's RuntimeError (no weights to download) / an AttributeError at the first batch (a list of features)
+    (dict(model_kwargs={"pretrained": True}), r"model_kwargs.pretrained: weights come from a file here"),
+    (dict(model_kwargs={"features_only": True}), r"model_kwargs.features_only: a backbone gives feature maps"),
     # ignored (e.g. --model.init_from=$INIT with INIT unset): a run from random weights
     (dict(init_from=""), r"init_from is empty; allowed: a weights file, or leave it unset"),
 ])
