@@ -7,7 +7,8 @@ Every (arm, seed) is a separate, complete training run in its own process (so ev
 strategy works inside an arm), logged to runs/<ablation>/<arm>/seed_<n>/ so that
 `tensorboard --logdir runs/<ablation>` overlays the arms. All arms share the seed, the data and its
 order, and (where parameter shapes agree) the initialisation. Before any run starts, each arm's `fit`
-command (its config and the flags passed through) is parsed, and nothing built: a typo is one error.
+command (its config and the flags passed through) is parsed, and its data module and model built on the
+CPU and dropped (nothing written): a typo or a value out of range is one error.
 Re-running the same command skips finished runs and resumes interrupted ones from their last checkpoint;
 a run folder holding a run with other settings (config or flags; `--x 2` and `--x=2` are the same) is
 refused, never skipped nor resumed, unless it saved no checkpoint (it failed or stopped before its first
@@ -336,20 +337,46 @@ def show_arms(jobs: List[dict], passthrough: List[str]) -> int:
 
 
 def check_commands(jobs: List[dict], passthrough: List[str]) -> None:
-    """Parse each arm's `fit` command as its run will, and build nothing: a typo in a flag or an override is
-    one error before any run starts, not a failed run per arm (and a folder that refuses the fixed command)."""
+    """Parse each arm's `fit` command as its run will, then check the settings its run builds from: a typo in
+    a flag or an override (also inside model_kwargs), or a value out of range, is one error before any run
+    starts, not a failed run per arm (and a folder that refuses the fixed command)."""
     from .cli import make_cli
     with tempfile.TemporaryDirectory() as tmp:
         for j in [j for j in jobs if j["seed"] == jobs[0]["seed"]]:  # one per arm: seeds only seed differently
             path = _write_config(Path(tmp) / "config.yaml", j["config"])
-            err = io.StringIO()
+            err, out = io.StringIO(), io.StringIO()
             try:  # --print_config: the parser exits once the arguments are parsed and type-checked
-                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                     make_cli(["fit", "--config", str(path), *passthrough, "--print_config"])
             except SystemExit as e:
                 if e.code:
                     message = err.getvalue().partition("error: ")[2].strip() or f"exit status {e.code}"
                     raise AblationError(f"arm {j['arm']['name']}: {message} (no run started)") from None
+            try:
+                check_settings(yaml.safe_load(out.getvalue()))
+            except ValueError as e:
+                raise AblationError(f"arm {j['arm']['name']}: {e} (no run started)") from None
+
+
+def check_settings(resolved: dict) -> None:
+    """What the parser leaves to the objects (the keys inside model_kwargs, value ranges, trainer settings
+    Lightning takes unchecked): the data module and the model of a resolved `fit` config are built, on the CPU,
+    and dropped; ValueError otherwise. No data file is read beyond the class folders' names."""
+    from .cli import _check_trainer, _with_allowed_kwargs
+    from .data import DataError, ImageDataModule
+    from .module import ClassificationModule
+    _check_trainer(resolved.get("trainer") or {})
+    data = ImageDataModule(**resolved["data"])
+    try:
+        classes = data.num_classes
+    except DataError:  # no data here (e.g. a dry run elsewhere): the arm's run says so; check the model anyway
+        classes = 2
+    try:
+        ClassificationModule(**dict(resolved["model"], num_classes=classes, img_size=data.img_size))
+    except TypeError as e:  # a key inside model_kwargs the model does not take; else a bug
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise ValueError(_with_allowed_kwargs(str(e))) from None
 
 
 @contextlib.contextmanager
