@@ -279,6 +279,8 @@ def test_init_from_rejects_other_models_missing_files_and_pickles(tmp_path):
         load_init_weights(tiny().model, str(other))
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_init_weights(tiny().model, str(tmp_path / "nope.pt"))
+    with pytest.raises(CheckpointError, match=f"{tmp_path} is a folder; allowed: a checkpoint file"):  # "not found"
+        load_init_weights(tiny().model, str(tmp_path))
     pickled = tmp_path / "pickled.pt"
     torch.save({"model": tiny().model.state_dict(), "args": Opaque()}, pickled)
     with pytest.raises(CheckpointError, match=r"pickled.pt: holds more than tensors and plain values \(pickled "
