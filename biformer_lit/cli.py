@@ -142,9 +142,13 @@ class BiFormerCLI(LightningCLI):
                               f"--trainer.logger.init_args.version or save_dir)")
 
     def _before_evaluating(self) -> None:
+        cfg = self.config_init[self.subcommand]
+        if cfg.get("ckpt_path") is None and not self.model.hparams.get("init_from"):  # Lightning says nothing
+            print(f"warning: {self.subcommand} without --ckpt_path or --model.init_from: the untrained (randomly "
+                  f"initialised) model is evaluated", file=sys.stderr)
         # Lightning's `last` looks in this run's new version folder, which holds no checkpoint: it would
         # evaluate the untrained model after a warning (fit starts a fresh run instead: documented, kept)
-        if self.config_init[self.subcommand].get("ckpt_path") == "last" and not self._last_checkpoints():
+        if cfg.get("ckpt_path") == "last" and not self._last_checkpoints():
             raise ConfigError(f"--ckpt_path last: this {self.subcommand} run's checkpoint folder holds no last.ckpt "
                               f"(it is a new logger version unless the logger's version is set), so the untrained "
                               f"model would be evaluated; give the file, e.g. "

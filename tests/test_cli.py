@@ -365,3 +365,11 @@ def test_trainer_settings_lightning_takes_unchecked_are_short_errors(monkeypatch
     assert main(["fit", *SMALL, "--trainer.max_epochs", "1", f"--trainer.{flag}", value]) == 2
     assert f"error: trainer.{flag}={value}; allowed: {allowed}" in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_evaluating_without_weights_says_so(monkeypatch, tmp_path, capsys):
+    """validate / test / predict with neither --ckpt_path nor --model.init_from evaluated random weights silently."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", *SMALL, "--trainer.limit_val_batches", "1"]) == 0
+    assert ("warning: validate without --ckpt_path or --model.init_from: the untrained (randomly initialised) model "
+            "is evaluated") in capsys.readouterr().err
