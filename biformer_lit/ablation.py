@@ -7,7 +7,8 @@ Every (arm, seed) is a separate, complete training run in its own process (so ev
 strategy works inside an arm), logged to runs/<ablation>/<arm>/seed_<n>/ so that
 `tensorboard --logdir runs/<ablation>` overlays the arms. All arms share the seed, the data and its
 order, and (where parameter shapes agree) the initialisation. Before any run starts, each arm's `fit`
-command (its config and the flags passed through) is parsed, and nothing built: a typo is one error.
+command (its config and the flags passed through) is parsed, and its data module and model built on the
+CPU and dropped (nothing written): a typo or a value out of range is one error.
 Re-running the same command skips finished runs and resumes interrupted ones from their last checkpoint;
 a run folder holding a run with other settings (config or flags; `--x 2` and `--x=2` are the same) is
 refused, never skipped nor resumed, unless it saved no checkpoint (it failed or stopped before its first
@@ -56,6 +57,9 @@ BARE_FLAGS = ("-h", "--help")  # the only `fit` options that take no value
 LOCK = ".lock"  # in each run folder: claimed by the invocation running it
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)  # SLURM: preemption / time limit, and --signal=SIGUSR1@<s>
 INSPECT_FLAGS = ("-h", "--help", "--print_config")  # and --<class>.help: `fit` answers, trains nothing
+
+
+NOT_TEXT = "not UTF-8 text; allowed: a YAML file"
 
 
 class AblationError(ValueError):
@@ -132,6 +136,8 @@ def load_config(paths: List[str]) -> dict:
                 loaded = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
                 raise AblationError(f"config file {p} is not valid YAML: {' '.join(str(e).split())}") from None
+            except UnicodeDecodeError:  # e.g. a checkpoint given as --config
+                raise AblationError(f"config file {p} is not a text file ({NOT_TEXT})") from None
         if not isinstance(loaded, dict):
             raise AblationError(f"config file {p} holds a {type(loaded).__name__}; allowed: a mapping of "
                                 "sections (model:, data:, trainer:, ...)")
@@ -198,6 +204,9 @@ def plan(section: dict) -> dict:
     if not isinstance(seeds, list) or not seeds:
         raise AblationError(f"ablation.seeds={seeds!r}; allowed: an integer or a list of them, e.g. [0, 1, 2]")
     seeds = [_as_int("seeds", x, 0) for x in seeds]
+    from .reliability import check_seed  # here: the runner imports no torch / Lightning until it must
+    for x in seeds:  # each is its arm's seed_everything: beyond its range every arm would fail
+        check_seed("ablation.seeds", x, AblationError)
     if len(set(seeds)) != len(seeds):  # both would run in the same seed_<n> folder
         raise AblationError(f"ablation.seeds={seeds!r}; allowed: distinct integers >= 0")
     out = dict(name=_as_name("ablation.name", section.get("name", "ablation")), seeds=seeds,
@@ -363,8 +372,9 @@ def _lookup(cfg: dict, dotted: str) -> str:
 
 
 def check_commands(jobs: List[dict], passthrough: List[str]) -> None:
-    """Parse each arm's `fit` command as its run will, and build nothing: a typo in a flag or an override is
-    one error before any run starts, not a failed run per arm (and a folder that refuses the fixed command).
+    """Parse each arm's `fit` command as its run will, then check the settings its run builds from: a typo in
+    a flag or an override (also inside model_kwargs), or a value out of range, is one error before any run
+    starts, not a failed run per arm (and a folder that refuses the fixed command).
     A flag passed to every arm must not replace what an arm sets: `--model.model_kwargs={depths: ...}`
     replaces the whole mapping, the arms' `model.model_kwargs.topks` with it, and every arm would train
     the same model under its own name."""
@@ -373,6 +383,10 @@ def check_commands(jobs: List[dict], passthrough: List[str]) -> None:
             path = _write_config(Path(tmp) / "config.yaml", j["config"])
             name = j["arm"]["name"]
             resolved = _parsed(path, passthrough, name)
+            try:
+                check_settings(resolved)
+            except ValueError as e:
+                raise AblationError(f"arm {name}: {e} (no run started)") from None
             if not passthrough:
                 continue
             try:  # the arm's values as the parser reads them (1e-3 -> 0.001, ...)
@@ -387,6 +401,27 @@ def check_commands(jobs: List[dict], passthrough: List[str]) -> None:
                         f"{key}={_lookup(own, key)} (it would be {_lookup(resolved, key)}), so the arms would not "
                         f"differ there; pass only the keys you change (e.g. --model.model_kwargs.depths=[...]) and "
                         f"leave the arms' own keys to them (no run started)")
+
+
+def check_settings(resolved: dict) -> None:
+    """What the parser leaves to the objects (the keys inside model_kwargs, value ranges, trainer settings
+    Lightning takes unchecked): the data module and the model of a resolved `fit` config are built, on the CPU,
+    and dropped; ValueError otherwise. No data file is read beyond the class folders' names."""
+    from .cli import _check_trainer, _with_allowed_kwargs
+    from .data import DataError, ImageDataModule
+    from .module import ClassificationModule
+    _check_trainer(resolved.get("trainer") or {})
+    data = ImageDataModule(**resolved["data"])
+    try:
+        classes = data.num_classes
+    except DataError:  # no data here (e.g. a dry run elsewhere): the arm's run says so; check the model anyway
+        classes = 2
+    try:
+        ClassificationModule(**dict(resolved["model"], num_classes=classes, img_size=data.img_size))
+    except TypeError as e:  # a key inside model_kwargs the model does not take; else a bug
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise ValueError(_with_allowed_kwargs(str(e))) from None
 
 
 @contextlib.contextmanager
@@ -505,6 +540,11 @@ def maybe_run_ablation(argv: List[str]) -> Optional[int]:
         if ablation_flags:
             raise AblationError("--ablation.* given, but no config has an `ablation:` section")
         return None
+    for key, val, _ in _options(passthrough):
+        if key == "--ckpt_path" and val != "last":  # `last`: each arm's own, as the runner resumes anyway
+            raise AblationError(f"--ckpt_path {val}: every arm would resume from that one file, and take its model "
+                                "settings; allowed: no --ckpt_path (or last): the same command resumes each "
+                                "interrupted arm from its own last.ckpt")
     section = cfg.pop("ablation") or {}
     p = plan(deep_merge(section, ablation_flags) if isinstance(section, dict) else section)  # plan names a non-mapping
     jobs = []

@@ -84,6 +84,8 @@ def load_checkpoint_file(path, weights_only: bool = True, mmap: bool = False) ->
     """torch.load on the CPU, every way a file can be unusable turned into a one-line CheckpointError.
     mmap: map tensor data instead of reading it (a check of a large checkpoint costs no memory)."""
     path = os.fspath(path)
+    if os.path.isdir(path):  # it said "not found"
+        raise CheckpointError(f"{path} is a folder; allowed: a checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     unreadable = f"{path}: not a readable PyTorch checkpoint (corrupt, truncated, or another kind of file)"

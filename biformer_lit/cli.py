@@ -10,6 +10,7 @@ other exceptions are bugs and keep their traceback.
 import difflib
 import glob
 import inspect
+import math
 import os
 import re
 import sys
@@ -23,6 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from .checkpoint import CheckpointError, check_resume_checkpoint
 from .errors import report_storage_error
 from .module import ClassificationModule, NonFiniteLossError
+from .reliability import check_seed
 
 TRAINER_DEFAULTS = {
     "max_epochs": 10,  # CPU-sized; ImageNet runs set 300 (docs/training.md)
@@ -78,6 +80,14 @@ class ShortErrorParser(LightningArgumentParser):
                 message += f" (did you mean --{close[0]}?)"
         super().error(message, ex)
 
+    def parse_path(self, path, *args, **kwargs):
+        """--config FILE (validate / test / predict; fit's files are read first by the ablation hook)."""
+        try:
+            return super().parse_path(path, *args, **kwargs)
+        except UnicodeDecodeError:  # e.g. a checkpoint given as --config: jsonargparse lets it escape
+            from .ablation import NOT_TEXT
+            self.error(f"config file {path} is not a text file ({NOT_TEXT})")
+
 
 class BiFormerCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
@@ -95,10 +105,17 @@ class BiFormerCLI(LightningCLI):
         # file first, so a corrupt, truncated or foreign file is a one-line error, not a traceback
         cfg = self.config.get(self.config.get("subcommand") or "", {})
         path = cfg.get("ckpt_path") if hasattr(cfg, "get") else None
+        seed = cfg.get("seed_everything") if hasattr(cfg, "get") else None
+        if not isinstance(seed, bool) and seed is not None:  # true / false: seed at random / not at all
+            check_seed("seed_everything", seed, ConfigError)
+        if hasattr(cfg, "get") and cfg.get("trainer") is not None:
+            _check_trainer(cfg.trainer)
         if path in ("last", "best"):
             found = _named_checkpoint(self.config.get("subcommand"), path, cfg)
             if found:
                 cfg.ckpt_path = path = found
+        if path is not None:
+            _check_ckpt_path(path, cfg.trainer.get("default_root_dir"))
         if path and os.path.isfile(path):
             ckpt = check_resume_checkpoint(path, weights_only=cfg.get("weights_only") is not False)
             if self.config.get("subcommand") in ("validate", "test", "predict"):
@@ -113,6 +130,36 @@ class BiFormerCLI(LightningCLI):
         elif self.subcommand == "fit" and not cfg.last_checkpoint.get("dirpath"):
             _continue_logger_version(cfg.trainer.get("logger"), cfg.ckpt_path)
 
+    def _last_checkpoints(self) -> List[str]:
+        """The last*.ckpt files in this run's checkpoint folder, found as Lightning finds `--ckpt_path last`."""
+        return sorted({p for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
+                       for p in cb._find_last_checkpoints(self.trainer)})
+
+    def before_fit(self) -> None:
+        # A new run into a fixed checkpoint folder (the logger's version set, as in an ablation arm's
+        # config.yaml; --last_checkpoint.dirpath; no logger) that holds a run's last.ckpt would overwrite it
+        # (Lightning only warns) and append a second curve to that run's event files
+        found = self._last_checkpoints() if self.config_init.fit.get("ckpt_path") is None else []
+        if found:
+            raise ConfigError(f"{found[0]} holds an earlier run's last checkpoint, which this fit would overwrite: "
+                              f"continue that run with --ckpt_path last, or log this one elsewhere (another "
+                              f"--trainer.logger.init_args.version or save_dir)")
+
+    def _before_evaluating(self) -> None:
+        cfg = self.config_init[self.subcommand]
+        if cfg.get("ckpt_path") is None and not self.model.hparams.get("init_from"):  # Lightning says nothing
+            print(f"warning: {self.subcommand} without --ckpt_path or --model.init_from: the untrained (randomly "
+                  f"initialised) model is evaluated", file=sys.stderr)
+        # Lightning's `last` looks in this run's new version folder, which holds no checkpoint: it would
+        # evaluate the untrained model after a warning (fit starts a fresh run instead: documented, kept)
+        if cfg.get("ckpt_path") == "last" and not self._last_checkpoints():
+            raise ConfigError(f"--ckpt_path last: this {self.subcommand} run's checkpoint folder holds no last.ckpt "
+                              f"(it is a new logger version unless the logger's version is set), so the untrained "
+                              f"model would be evaluated; give the file, e.g. "
+                              f"runs/<name>/version_N/checkpoints/last.ckpt")
+
+    before_validate = before_test = before_predict = _before_evaluating
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -126,6 +173,18 @@ class BiFormerCLI(LightningCLI):
             if "unexpected keyword argument" not in str(e):  # e.g. a typo in model_kwargs; else a bug
                 raise
             raise ConfigError(_with_allowed_kwargs(str(e))) from e
+
+    def instantiate_trainer(self, **kwargs):
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except RuntimeError as e:
+            # Trainer() checks its environment, e.g. SLURM variables left set outside a job step
+            # (SLURM_NTASKS=2 without srun): the user's to fix; our callbacks and plugins are built before this
+            from lightning.fabric.plugins.environments import SLURMEnvironment
+            slurm = sorted(k for k in os.environ if k.startswith("SLURM_")) if SLURMEnvironment.detect() else []
+            where = f" (SLURM variables are set here: {', '.join(slurm[:4])}{' ...' if len(slurm) > 4 else ''}; " \
+                    f"outside a SLURM job step, unset them)" if slurm else ""
+            raise ConfigError(f"the trainer cannot start: {e}{where}") from e
 
     def after_instantiate_classes(self) -> None:
         # Lightning merges model and data hparams for the logger and rejects a key with two values:
@@ -147,6 +206,36 @@ def _with_allowed_kwargs(message: str) -> str:
     close = difflib.get_close_matches(found.group(1), allowed, n=1)
     return (f"model_kwargs: BiFormer takes no {found.group(1)!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
             + f"; allowed: {', '.join(allowed)}")
+
+
+def _check_trainer(trainer) -> None:
+    """Trainer settings Lightning takes unchecked: 0 ended in a ZeroDivisionError traceback mid-run, a negative
+    accumulation in a negative lr (AdamW's traceback), a negative clip value turned clipping off silently."""
+    def bad(key, value, allowed):
+        raise ConfigError(f"trainer.{key}={value!r}; allowed: {allowed}")
+
+    acc = trainer.get("accumulate_grad_batches")
+    if isinstance(acc, int) and acc < 1:
+        bad("accumulate_grad_batches", acc, "an integer >= 1")
+    clip = trainer.get("gradient_clip_val")
+    if isinstance(clip, (int, float)) and not (math.isfinite(clip) and clip >= 0):
+        bad("gradient_clip_val", clip, "a finite number >= 0 (0 or null: no clipping)")
+    every = trainer.get("val_check_interval")
+    if isinstance(every, float) and not 0 < every <= 1 or isinstance(every, int) and every < 1:
+        bad("val_check_interval", every, "a fraction of the epoch in (0, 1], or a number of batches >= 1")
+
+
+def _check_ckpt_path(path: str, default_root_dir) -> None:
+    """The values of --ckpt_path that Lightning would only turn into a traceback (or ignore); `last` and `best`
+    were resolved or refused by _named_checkpoint."""
+    allowed = "allowed: a checkpoint file, or last (the run's newest last.ckpt)"
+    if not str(path).strip():  # e.g. --ckpt_path=$CKPT with CKPT unset
+        raise ConfigError(f"--ckpt_path is empty; {allowed}")
+    if os.path.isdir(path):
+        raise ConfigError(f"--ckpt_path {path} is a folder; {allowed}, e.g. {os.path.join(path, 'last.ckpt')}")
+    folder = default_root_dir or os.getcwd()
+    if path == "hpc" and not glob.glob(os.path.join(glob.escape(folder), "hpc_ckpt_*.ckpt")):
+        raise ConfigError(f"--ckpt_path hpc: no hpc_ckpt_*.ckpt in {folder}; {allowed}")
 
 
 def _refuse_foreign_hpc_checkpoints(default_root_dir) -> None:

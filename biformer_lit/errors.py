@@ -1,9 +1,11 @@
 """Failures of the storage under a run (read-only or full disk, no permission): the environment, not a
 bug, so the commands report them as one `error:` line instead of a traceback. And small files written
-so that a kill during the write cannot leave half of one."""
+so that a kill during the write cannot leave half of one; the folder arguments of report / visualize."""
+import argparse
 import errno
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -48,3 +50,11 @@ def write_text_atomic(path, text: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def folder_arg(text: str) -> Path:
+    """argparse type of the folder arguments of `report` and `visualize`: an empty one (a quoted unset variable)
+    is refused, since Path("") is the working folder, where they would read and write instead."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; allowed: a folder path")
+    return Path(text)

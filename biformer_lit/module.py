@@ -40,6 +40,19 @@ def create_model(name: str, num_classes: int, img_size: int, drop_path: float,
     for key in ("num_classes", "img_size"):
         if key in (kwargs or {}):
             raise ValueError(f"model_kwargs.{key}: set it on the data (data.{key}); the CLI links it to the model")
+    if "drop_path_rate" in (kwargs or {}):  # it was silently replaced by drop_path below
+        raise ValueError(f"model_kwargs.drop_path_rate={kwargs['drop_path_rate']!r}: set --model.drop_path instead "
+                         f"(the recipe's stochastic depth rate, given to the model as drop_path_rate)")
+    if (kwargs or {}).get("in_chans", 3) != 3:  # it failed at the first batch with a traceback
+        raise ValueError(f"model_kwargs.in_chans={kwargs['in_chans']!r}: every dataset here gives 3-channel (RGB) "
+                         f"images; allowed: 3 (or leave it unset)")
+    # timm switches that make no classifier to train: a traceback at construction / the first batch
+    if (kwargs or {}).get("pretrained"):
+        raise ValueError("model_kwargs.pretrained: weights come from a file here (no downloads): use "
+                         "--model.init_from FILE")
+    if (kwargs or {}).get("features_only"):
+        raise ValueError("model_kwargs.features_only: a backbone gives feature maps, not the class logits this "
+                         "module trains on; leave it unset")
     kwargs = dict(kwargs or {}, num_classes=num_classes, drop_path_rate=drop_path)
     try:
         return timm.create_model(name, img_size=img_size, **kwargs)
@@ -66,6 +79,10 @@ RECIPE_RANGES = {
 def check_recipe(**settings) -> None:
     for name, value in settings.items():
         ok, allowed = RECIPE_RANGES[name]
+        # a YAML `.inf` passes every lower bound: eps=inf zeroed the Adam step, warmup_epochs=inf failed mid-run
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, (tuple, list))
+                                                                         else [value])):
+            raise ValueError(f"{name}={value!r}; allowed: a finite number, {allowed}")
         if not ok(value):
             raise ValueError(f"{name}={value!r}; allowed: {allowed}")
     if settings.get("min_lr", 0) > settings.get("lr", float("inf")):  # the "decay" would raise the lr
@@ -128,6 +145,8 @@ class ClassificationModule(L.LightningModule):
                  ema_decay: Optional[float] = None,
                  init_from: Optional[str] = None, init_from_ignore_head: bool = False):
         super().__init__()
+        if init_from is not None and not str(init_from).strip():  # it was ignored: a run from random weights
+            raise ValueError("init_from is empty; allowed: a weights file, or leave it unset (null)")
         check_recipe(lr=lr, min_lr=min_lr, base_batch_size=base_batch_size, weight_decay=weight_decay, betas=betas,
                      eps=eps, warmup_epochs=warmup_epochs, warmup_steps=warmup_steps,
                      label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, mixup_prob=mixup_prob,

@@ -28,6 +28,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
+SEED_MAX = 2**32 - 1  # seed_everything's range (numpy's); the data seed and the ablation's seeds use it too
+
+
+def check_seed(name: str, value, error=ValueError) -> None:
+    """A seed setting: an integer in 0..SEED_MAX (beyond it seed_everything and torch's generators fail
+    with a traceback, mid-run for the data's)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise error(f"{name}={value!r}; allowed: an integer in 0..{SEED_MAX}")
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % 2**32
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from statistics import mean, stdev
 
-from .errors import report_storage_error
+from .errors import folder_arg, report_storage_error
 
 EVENT_GLOB = "events.out.tfevents.*"
 DASH = "—"
@@ -77,6 +77,19 @@ def _merge(files: list[Path]) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(by_step.items()) for tag, by_step in merged.items()}
 
 
+def _read_arm_json(path: Path) -> dict:
+    """A run's arm.json (the ablation runner's status file); ValueError naming the file if it is not one."""
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # the bare JSON message named no file
+        raise ValueError(f"{path} is not valid JSON ({e}); allowed: the runner's status file (a JSON object): "
+                         f"fix or delete it") from None
+    if not isinstance(meta, dict):  # was an AttributeError traceback
+        raise ValueError(f"{path} holds a {type(meta).__name__}; allowed: the runner's status file (a JSON "
+                         f"object): fix or delete it")
+    return meta
+
+
 def load_runs(ablation_dir) -> list[dict]:
     """Every run below ``ablation_dir`` (any depth), with all its scalars.
 
@@ -97,9 +110,7 @@ def load_runs(ablation_dir) -> list[dict]:
 
     runs = []
     for root, files in groups.items():
-        meta = {}
-        if (root / "arm.json").is_file():
-            meta = json.loads((root / "arm.json").read_text())
+        meta = _read_arm_json(root / "arm.json") if (root / "arm.json").is_file() else {}
         m = _SEED_DIR.match(root.name)
         seed = meta.get("seed", int(m.group(1)) if m else None)
         # Path fallback: <arm>/seed_<n>; a bare folder of events is its own arm.
@@ -379,8 +390,8 @@ def _write_report(ablation_dir, out_dir) -> tuple[Path, str, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``report <ablation_dir> [--out DIR]`` (argv excludes the subcommand name)."""
     parser = argparse.ArgumentParser(prog="cli.py report", description=__doc__.splitlines()[0])
-    parser.add_argument("ablation_dir", type=Path, help="runs/<ablation> folder")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: ablation_dir)")
+    parser.add_argument("ablation_dir", type=folder_arg, help="runs/<ablation> folder")
+    parser.add_argument("--out", type=folder_arg, default=None, help="output folder (default: ablation_dir)")
     args = parser.parse_args(argv)
     try:
         path, table, unfinished = _write_report(args.ablation_dir, args.out)

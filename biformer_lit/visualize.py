@@ -25,7 +25,7 @@ from matplotlib.patches import Rectangle
 
 from .attention import reference as ref
 from .attention.base import TokenMixer
-from .errors import report_storage_error
+from .errors import folder_arg, report_storage_error
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -400,7 +400,7 @@ def load_image(path: Path, size: int) -> torch.Tensor:
         with Image.open(path) as im:
             im = im.convert("RGB").resize((size, size), Image.BICUBIC)
             return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
-    except OSError as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # as the datasets catch them
         raise UsageError(f"cannot read image {path}: {e}") from None
 
 
@@ -451,9 +451,15 @@ def load_checkpoint_model(path: Path, trust: bool) -> Tuple[nn.Module, Tuple[Seq
     except CheckpointError as e:
         hint = "; if you trust the file, pass --trust_checkpoint" if "more than tensors" in str(e) else ""
         raise UsageError(f"{e}{hint}") from None
+    if "model" not in (ckpt.get("hyper_parameters") or {}):  # was built with defaults, then a traceback
+        raise UsageError(f"{path} is a Lightning checkpoint of another module (no ClassificationModule settings); "
+                         f"for its weights use --model NAME --weights {path}")
     from .data.datamodule import normalisation_of
     stats = normalisation_of(ckpt.get("datamodule_hyper_parameters") or {})
-    return ClassificationModule.load_from_checkpoint(path, map_location="cpu", weights_only=not trust).model, stats
+    try:
+        return ClassificationModule.load_from_checkpoint(path, map_location="cpu", weights_only=not trust).model, stats
+    except ValueError as e:  # its settings build no model (e.g. an unknown model name), or its weights don't fit
+        raise UsageError(f"{path}: {e}") from None
 
 
 def model_img_size(net: nn.Module) -> int:
@@ -475,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust_checkpoint", action="store_true",
                    help="allow full unpickling of --ckpt_path (only for files you trust)")
     p.add_argument("--image", type=Path, nargs="+", required=True)
-    p.add_argument("--out", type=Path, required=True, help="output folder for the PNGs")
+    p.add_argument("--out", type=folder_arg, required=True, help="output folder for the PNGs")
     p.add_argument("--img_size", type=int, help="input size (default: the model's)")
     p.add_argument("--stage", type=int, nargs="+", help="stages to draw (default: all)")
     p.add_argument("--all_blocks", action="store_true", help="every block, not just the last of each stage")

@@ -104,6 +104,8 @@ def test_selection_by_name_and_index(tmp_path, capsys, monkeypatch):
     ("--ablation.parallel=abc", r"ablation.parallel='abc'; allowed: an integer >= 1"),
     ("--ablation.seeds=[0,1", r"--ablation.seeds='\[0,1' is not a valid value"),
     ("--ablation.seeds=[a]", r"ablation.seeds='a'; allowed: an integer >= 0"),
+    # beyond seed_everything's range: each arm failed with a traceback
+    ("--ablation.seeds=[0,4294967296]", r"ablation.seeds=4294967296; allowed: an integer in 0..4294967295"),
 ])
 def test_bad_ablation_values_are_rejected(tmp_path, flag, match):
     path = write_ablation(tmp_path)
@@ -124,6 +126,9 @@ def test_bad_ablation_values_are_rejected(tmp_path, flag, match):
      r"ablation.arms\[0\] \(x\): unknown key\(s\) \['overides'\]; allowed: name, overrides"),
     ("--ablation.arms=[x]", r"ablation.arms\[0\]='x'; allowed: \{name: ..., overrides"),
     ("--ablation.arms=[{name: [x]}]", r"ablation.arms\[0\].name=\['x'\]; allowed: a folder name"),
+    # every arm resumed from that one file, with its model settings (LightningCLI restores them)
+    ("--ckpt_path=runs/mini/k1/seed_0/checkpoints/last.ckpt",
+     r"--ckpt_path runs/mini/k1/seed_0/checkpoints/last.ckpt: every arm would resume from that one file"),
 ])
 def test_wrong_types_and_silent_mistakes_are_rejected(tmp_path, flag, match):
     """Each was a traceback, or taken silently (bool('maybe'), a misspelled arm key running the base config,
@@ -209,17 +214,17 @@ def test_a_flag_written_either_way_is_the_same_setting(tmp_path, fits, capsys):
     also against a folder recorded before flags were normalised."""
     path = write_ablation(tmp_path)
     args = ["fit", "--config", str(path), "--ablation.only=k1"]
-    assert maybe_run_ablation(args + ["--trainer.max_epochs", "1", "--model.lr", "-1e-3"]) == 0
+    assert maybe_run_ablation(args + ["--trainer.max_epochs", "1", "--trainer.max_steps", "-1"]) == 0
     status = tmp_path / "runs" / "mini" / "k1" / "seed_0" / "arm.json"
     info = json.loads(status.read_text())
-    assert info["settings"]["flags"] == ["--trainer.max_epochs=1", "--model.lr=-1e-3"]
+    assert info["settings"]["flags"] == ["--trainer.max_epochs=1", "--trainer.max_steps=-1"]
     assert "--trainer.max_epochs=1" in fits.commands[-1]
     capsys.readouterr()
-    assert maybe_run_ablation(args + ["--trainer.max_epochs=1", "--model.lr=-1e-3"]) == 0
+    assert maybe_run_ablation(args + ["--trainer.max_epochs=1", "--trainer.max_steps=-1"]) == 0
     assert "skip finished k1/seed_0" in capsys.readouterr().out
     status.write_text(json.dumps(dict(info, settings=dict(info["settings"], flags=[
-        "--trainer.max_epochs", "1", "--model.lr", "-1e-3"]))))
-    assert maybe_run_ablation(args + ["--trainer.max_epochs=1", "--model.lr=-1e-3"]) == 0
+        "--trainer.max_epochs", "1", "--trainer.max_steps", "-1"]))))
+    assert maybe_run_ablation(args + ["--trainer.max_epochs=1", "--trainer.max_steps=-1"]) == 0
     assert "skip finished k1/seed_0" in capsys.readouterr().out
     assert len(fits.commands) == 1
 
@@ -230,6 +235,12 @@ def test_a_flag_written_either_way_is_the_same_setting(tmp_path, fits, capsys):
     (["--trainer.max_epochs=two"], r"^arm k1: Parser key \"trainer.max_epochs\":.*Given value: two"),
     (["--ablation.arms=[{name: a}, {name: b, overrides: {model.wd: 1}}]"],
      r"^arm b: Group 'model' does not accept option 'wd'"),
+    # the parser passed these; each arm's run then failed at build time
+    (["--ablation.arms=[{name: a, overrides: {model.model_kwargs.topk: [1, 1, 1, 1]}}]"],
+     r"^arm a: model_kwargs: BiFormer takes no 'topk' \(did you mean 'topks'\?\).* \(no run started\)$"),
+    (["--ablation.arms=[{name: a, overrides: {model.model_kwargs.topks: [99, 4, 2, 1]}}]"], r"^arm a: .*topk=99"),
+    (["--model.lr=-1"], r"^arm k1: lr=-1.0; allowed: > 0 \(no run started\)$"),
+    (["--trainer.accumulate_grad_batches=0"], r"^arm k1: trainer.accumulate_grad_batches=0; allowed: an integer"),
 ])
 def test_a_bad_flag_or_override_is_found_before_any_run_starts(tmp_path, fits, flags, match):
     """It made every arm's `fit` fail (exit 2), and the failed folder then refused the corrected command."""
@@ -382,8 +393,8 @@ def test_a_run_of_other_settings_that_saved_no_checkpoint_is_replaced(tmp_path, 
     command; one that saved a checkpoint is still refused."""
     path = write_ablation(tmp_path)
     args = ["fit", "--config", str(path), "--ablation.only=[k1,k4]"]
-    fits.code = 2
-    assert maybe_run_ablation(args + ["--model.lr=-1"]) == 1
+    fits.code = 2  # the fake runs fail (a bad lr is now found before any run starts: another setting stands in)
+    assert maybe_run_ablation(args + ["--model.lr=0.2"]) == 1
     runs = tmp_path / "runs" / "mini"
     (runs / "k1" / "seed_0" / "events.out.tfevents.1.host.1.0").write_text("the failed run's log")
     (runs / "k4" / "seed_0" / "checkpoints").mkdir()

@@ -316,3 +316,97 @@ def test_evaluating_a_checkpoint_on_other_data_settings_warns(tmp_path, capsys):
 def test_top_level_help_names_every_command(tmp_path):
     out = cli(["--help"], tmp_path).stdout
     assert all(c in out for c in ("fit", "validate", "test", "predict", "cli.py report", "cli.py visualize"))
+
+
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_a_binary_config_file_is_a_short_error(tmp_path, capsys, command):
+    """A checkpoint given as --config: fit's ablation hook and jsonargparse both let a UnicodeDecodeError
+    escape with a traceback."""
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, path)
+    try:
+        code = main([command, "--config", str(path)])
+    except SystemExit as e:  # jsonargparse's own error exit
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: config file {path} is not a text file (not UTF-8 text; allowed: a YAML file)" in err
+
+
+@pytest.mark.parametrize("command,ckpt,message", [
+    ("fit", "", "--ckpt_path is empty; allowed: a checkpoint file, or last"),  # e.g. --ckpt_path=$CKPT, CKPT unset
+    ("fit", "{tmp}", "--ckpt_path {tmp} is a folder; allowed: a checkpoint file"),
+    ("validate", "best", "--ckpt_path best: a new process has no best checkpoint of its own"),
+    ("fit", "hpc", "--ckpt_path hpc: no hpc_ckpt_*.ckpt in {tmp}"),
+    ("validate", "last", "--ckpt_path last: this validate run's checkpoint folder holds no last.ckpt"),
+    ("predict", "last", "--ckpt_path last: this predict run's checkpoint folder holds no last.ckpt"),
+])
+def test_ckpt_path_values_lightning_cannot_use_are_short_errors(monkeypatch, tmp_path, capsys, command, ckpt,
+                                                                 message):
+    """Each was a ValueError / IsADirectoryError traceback, or (validate/predict `last`: Lightning finds no
+    last.ckpt in the new version folder) an evaluation of the untrained model with exit 0."""
+    monkeypatch.chdir(tmp_path)
+    assert main([command, *SMALL, f"--ckpt_path={ckpt.format(tmp=tmp_path)}"]) == 2
+    err = capsys.readouterr().err
+    assert "error: " + message.format(tmp=tmp_path) in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("predictions.csv"))
+
+
+def test_a_seed_out_of_range_is_a_short_error(monkeypatch, tmp_path, capsys):
+    """seed_everything raised a ValueError traceback; a data seed beyond torch's generators failed mid-run."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", *SMALL, "--seed_everything", "-5"]) == 2
+    assert "error: seed_everything=-5; allowed: an integer in 0..4294967295" in capsys.readouterr().err
+    assert main(["fit", *SMALL, "--data.seed", str(10**23)]) == 2
+    assert f"error: seed={10**23}; allowed: an integer in 0..4294967295" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("where", [["--trainer.logger.init_args.version", "0"],  # as an ablation arm's config.yaml
+                                   ["--last_checkpoint.dirpath", "runs/default/version_0/checkpoints"],
+                                   ["--trainer.logger", "false", "--trainer.default_root_dir",
+                                    "runs/default/version_0"]])
+def test_a_new_fit_does_not_overwrite_a_runs_last_checkpoint(monkeypatch, tmp_path, capsys, where):
+    """A fit without --ckpt_path into a fixed checkpoint folder overwrote that run's last.ckpt (Lightning only
+    warned that the folder is not empty) and appended a second curve to its event files."""
+    monkeypatch.chdir(tmp_path)
+    last = tmp_path / "runs" / "default" / "version_0" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"an earlier run's checkpoint")
+    assert main(["fit", *SMALL, "--trainer.max_epochs", "1", *where]) == 2
+    assert (f"error: {last} holds an earlier run's last checkpoint, which this fit would overwrite: continue that "
+            f"run with --ckpt_path last") in capsys.readouterr().err
+    assert last.read_bytes() == b"an earlier run's checkpoint" and not list(last.parent.parent.glob("events.*"))
+
+
+def test_slurm_variables_outside_a_job_step_are_a_short_error(monkeypatch, tmp_path, capsys):
+    """SLURM_NTASKS=2 left in the environment (e.g. a shell of an allocation, without srun): Lightning's
+    RuntimeError from Trainer() ended in a traceback."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    assert main(["fit", *SMALL, "--trainer.max_epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the trainer cannot start: You set `--ntasks=2`") and "SLURM_NTASKS" in err
+    assert "outside a SLURM job step, unset them" in err and not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("flag,value,allowed", [
+    ("accumulate_grad_batches", "0", "an integer >= 1"),  # ZeroDivisionError mid-run
+    ("accumulate_grad_batches", "-1", "an integer >= 1"),  # a negative lr: AdamW's ValueError traceback
+    ("val_check_interval", "0", "a fraction of the epoch in (0, 1], or a number of batches >= 1"),  # ZeroDivision
+    ("gradient_clip_val", "-1.0", "a finite number >= 0 (0 or null: no clipping)"),  # clipping silently off
+])
+def test_trainer_settings_lightning_takes_unchecked_are_short_errors(monkeypatch, tmp_path, capsys, flag, value,
+                                                                     allowed):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", *SMALL, "--trainer.max_epochs", "1", f"--trainer.{flag}", value]) == 2
+    assert f"error: trainer.{flag}={value}; allowed: {allowed}" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_evaluating_without_weights_says_so(monkeypatch, tmp_path, capsys):
+    """validate / test / predict with neither --ckpt_path nor --model.init_from evaluated random weights silently."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", *SMALL, "--trainer.limit_val_batches", "1"]) == 0
+    assert ("warning: validate without --ckpt_path or --model.init_from: the untrained (randomly initialised) model "
+            "is evaluated") in capsys.readouterr().err

@@ -205,9 +205,16 @@ def test_num_classes_before_setup(tmp_path):
     (dict(dataset="mnist"), ["'mnist'", "synthetic, cifar10, cifar100, imagefolder"]),
     (dict(dataset="cifar10", root="x", num_classes=100), ["num_classes=100", "10 classes"]),
     (dict(dataset="cifar10"), ["--data.root"]),
+    (dict(dataset="imagefolder", root=""), ["--data.root", "got ''"]),  # said "image folder root  does not exist"
     (dict(num_classes=40), ["num_classes=40"]),
     (dict(difficulty=-0.1), ["difficulty=-0.1"]),
     (dict(batch_size=0), ["batch_size=0"]),
+    (dict(seed=2**64), ["seed=18446744073709551616", "0..4294967295"]),  # was a traceback at the first epoch
+    # timm's parser asserts: each was an AssertionError / ValueError traceback once the run had started
+    (dict(dataset="cifar10", root="x", rand_augment="bogus"), ["rand_augment='bogus'", "Unknown AA policy bogus",
+                                                               "rand-m9-mstd0.5-inc1"]),
+    (dict(dataset="cifar10", root="x", rand_augment="randx"), ["rand_augment='randx'", "(AssertionError)",
+                                                               "allowed: e.g."]),
     (dict(rand_augment="rand-m9-mstd0.5-inc1"), ["rand_augment='rand-m9-mstd0.5-inc1'", "real data"]),
     (dict(dataset="cifar10", root="x", random_erasing=2.0), ["random_erasing=2.0"]),
 ])
@@ -257,8 +264,11 @@ def test_imagefolder_loaders(tmp_path):
 
 
 def test_imagefolder_missing_folders(tmp_path):
-    with pytest.raises(DataError, match="nowhere"):
+    with pytest.raises(DataError, match="nowhere does not exist"):
         ImageDataModule("imagefolder", root=str(tmp_path / "nowhere")).num_classes
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(DataError, match="afile is a file, not a folder"):  # it said "does not exist"
+        ImageDataModule("imagefolder", root=str(tmp_path / "afile")).num_classes
     root = _image_folder(tmp_path, splits=("train",))
     dm = ImageDataModule("imagefolder", root=str(root))
     with pytest.raises(DataError) as err:

@@ -70,12 +70,33 @@ def test_img_size_only_for_models_that_take_it():
 
 
 @pytest.mark.parametrize("kwargs,match", [
+    # silently replaced by drop_path
+    (dict(model_kwargs={"drop_path_rate": 0.3}), r"model_kwargs.drop_path_rate=0.3: set --model.drop_path instead"),
+    # a traceback at the first batch (the data's images have 3 channels)
+    (dict(model_kwargs={"in_chans": 1}), r"model_kwargs.in_chans=1: every dataset here gives 3-channel \(RGB\) "
+                                         r"images; allowed: 3"),
+    # timm's RuntimeError (no weights to download) / an AttributeError at the first batch (a list of features)
+    (dict(model_kwargs={"pretrained": True}), r"model_kwargs.pretrained: weights come from a file here"),
+    (dict(model_kwargs={"features_only": True}), r"model_kwargs.features_only: a backbone gives feature maps"),
+    # ignored (e.g. --model.init_from=$INIT with INIT unset): a run from random weights
+    (dict(init_from=""), r"init_from is empty; allowed: a weights file, or leave it unset"),
+])
+def test_model_settings_that_were_ignored_or_failed_later_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ClassificationModule(num_classes=3, img_size=32, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
     (dict(lr=-1.0), r"lr=-1.0; allowed: > 0"), (dict(drop_path=1.5), r"drop_path=1.5; allowed: \[0, 1\)"),
     (dict(label_smoothing=1.5), r"label_smoothing=1.5; allowed: \[0, 1\)"),
     (dict(ema_decay=2.0), r"ema_decay=2.0; allowed: \(0, 1\)"), (dict(mixup_prob=1.2), r"mixup_prob=1.2"),
     (dict(betas=(0.9, 1.0)), r"betas=\(0.9, 1.0\); allowed: two values in \[0, 1\)"),
     (dict(warmup_steps=-3), r"warmup_steps=-3; allowed: >= 0"), (dict(weight_decay=-0.1), r"weight_decay=-0.1"),
     (dict(lr=1e-4, min_lr=1e-3), r"min_lr=0.001 is above lr=0.0001; allowed: min_lr <= lr"),
+    # from a YAML `.inf`: eps=inf zeroed the Adam step (exit 0), warmup_epochs=inf ended in a traceback
+    (dict(eps=float("inf")), r"eps=inf; allowed: a finite number, > 0"),
+    (dict(warmup_epochs=float("inf")), r"warmup_epochs=inf; allowed: a finite number, >= 0"),
+    (dict(lr=float("inf")), r"lr=inf; allowed: a finite number"), (dict(mixup=float("inf")), r"mixup=inf"),
 ])
 def test_recipe_settings_out_of_range_are_rejected_before_training(kwargs, match):
     """Each used to fail mid-run (AdamW, the loss, drop path) with a traceback, or (EMA) train silently."""
@@ -274,6 +295,8 @@ def test_init_from_rejects_other_models_missing_files_and_pickles(tmp_path):
         load_init_weights(tiny().model, str(other))
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_init_weights(tiny().model, str(tmp_path / "nope.pt"))
+    with pytest.raises(CheckpointError, match=f"{tmp_path} is a folder; allowed: a checkpoint file"):  # "not found"
+        load_init_weights(tiny().model, str(tmp_path))
     pickled = tmp_path / "pickled.pt"
     torch.save({"model": tiny().model.state_dict(), "args": Opaque()}, pickled)
     with pytest.raises(CheckpointError, match=r"pickled.pt: holds more than tensors and plain values \(pickled "

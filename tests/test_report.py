@@ -144,7 +144,11 @@ def test_make_report_and_cli(ablation, tmp_path, capsys):
                                           ("empty", "no TensorBoard event files"),
                                           ("file", "is a file; give the ablation's folder"),
                                           ("never_validated", "has validated yet (1 runs, none with val/top1)"),
-                                          ("out_is_file", "--out")])
+                                          ("out_is_file", "--out"),
+                                          # the JSON error named no file; a list was an AttributeError traceback
+                                          ("bad_arm_json", "k1/seed_0/arm.json is not valid JSON (Expecting"),
+                                          ("list_arm_json", "k1/seed_0/arm.json holds a list; allowed: the "
+                                                            "runner's status file (a JSON object)")])
 def test_cli_errors(tmp_path, capsys, case, message):
     target = tmp_path / "runs" / "nothing"
     extra = []
@@ -154,11 +158,13 @@ def test_cli_errors(tmp_path, capsys, case, message):
     elif case != "missing":  # exists, but no event files / only training scalars
         target.mkdir(parents=True)
         (target / "arm.json").write_text("{}")
-    if case in ("never_validated", "out_is_file"):
+    if case in ("never_validated", "out_is_file", "bad_arm_json", "list_arm_json"):
         with SummaryWriter(target / "k1" / "seed_0") as w:
             w.add_scalar("train/loss", 1.0, 0)
-            if case == "out_is_file":
+            if case != "never_validated":
                 w.add_scalar("val/top1", 50.0, 0)
+    if case.endswith("arm_json"):
+        (target / "k1" / "seed_0" / "arm.json").write_text('{"arm": "k1",' if case == "bad_arm_json" else "[1]")
     if case == "out_is_file":
         (tmp_path / "afile").write_text("")
         extra = ["--out", str(tmp_path / "afile")]
@@ -178,3 +184,16 @@ def test_unwritable_output_is_a_short_error(ablation, tmp_path, capsys, monkeypa
     assert report.main([str(ablation), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "error: cannot access " in err and "val_top1_curves.png: Permission denied (write the report elsewhere with --out DIR)" in err
+
+
+@pytest.mark.parametrize("args", [[""], ["runs/x", "--out", ""]])
+def test_an_empty_folder_argument_is_refused(tmp_path, capsys, monkeypatch, args):
+    """Path("") is the working folder: `report ""` (a quoted unset variable) read every run below it and wrote
+    report.md and the plots there, exit 0."""
+    monkeypatch.chdir(tmp_path)
+    with SummaryWriter(tmp_path / "runs" / "x" / "k1" / "seed_0") as w:
+        w.add_scalar("val/top1", 50.0, 1)
+    with pytest.raises(SystemExit) as e:
+        report.main(args)
+    assert e.value.code == 2 and "empty; allowed: a folder path" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.md")) and not list(tmp_path.glob("*.png"))

@@ -317,3 +317,44 @@ def test_visualising_leaves_the_model_unchanged():
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(x), ref_out)
+
+
+def _bomb_png(path):
+    """A small PNG whose header claims 15000 x 15000 px: PIL refuses it as a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 15000, 15000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("case,message", [
+    ("bomb", "cannot read image {tmp}/big.png: Image size (225000000 pixels) exceeds limit"),
+    ("other_module", "{tmp}/m.ckpt is a Lightning checkpoint of another module (no ClassificationModule settings)"),
+    ("unknown_model", "{tmp}/m.ckpt: unknown model 'no_such_model'"),
+])
+def test_main_foreign_inputs_are_clean_errors(tmp_path, capsys, case, message):
+    """Each was a traceback: PIL's DecompressionBombError, and (another LightningModule's checkpoint, or one
+    whose settings build no model) the module's own errors from load_from_checkpoint."""
+    write_image(tmp_path / "cat.png")
+    _bomb_png(tmp_path / "big.png")
+    ckpt = tmp_path / "m.ckpt"
+    hparams = {"hidden": 3} if case == "other_module" else {"model": "no_such_model", "num_classes": 4}
+    torch.save({"state_dict": {"layer.weight": torch.zeros(2, 2)}, "hyper_parameters": hparams,
+                "pytorch-lightning_version": L.__version__}, ckpt)
+    source = ["--model", "biformer_cpu_tiny"] if case == "bomb" else ["--ckpt_path", str(ckpt)]
+    image = tmp_path / ("big.png" if case == "bomb" else "cat.png")
+    rc = V.main([*source, "--image", str(image), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: " + message.format(tmp=tmp_path)) and len(err.splitlines()) == 1, err
+
+
+def test_main_empty_out_is_refused(tmp_path, capsys, monkeypatch):
+    """--out "" is Path(""), the working folder: the pictures were written there, exit 0."""
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "cat.png")
+    assert V.main(["--model", "biformer_cpu_tiny", "--image", "cat.png", "--out", ""]) == 2
+    assert "argument --out: empty; allowed: a folder path" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["cat.png"]

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..reliability import check_seed
 from . import DataError
 from .datasets import CIFAR, CIFAR_STATS, ImageFolderDataset, cifar, class_folders
 from .sampler import EpochSeededDataset, EpochShuffleSampler, EvalShardSampler
@@ -31,6 +32,18 @@ def normalisation_of(hparams: dict):
     return CIFAR_STATS[dataset] if dataset in CIFAR else IMAGENET_STATS
 
 
+def check_rand_augment(text: str) -> None:
+    """A timm augmentation string, parsed now: timm's parser asserts, so a typo was an AssertionError
+    traceback once the run had started."""
+    from timm.data import create_transform
+    try:
+        create_transform(32, is_training=True, auto_augment=text)
+    except (AssertionError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise DataError(f"rand_augment={text!r} is not a timm augmentation string ({str(e) or type(e).__name__}); "
+                        f"allowed: e.g. rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2 (AugMix), original or v0 "
+                        f"(AutoAugment), or unset") from None
+
+
 class ImageDataModule(L.LightningDataModule):
     """Train/val/test loaders for `dataset`; predict uses the test split.
 
@@ -51,6 +64,7 @@ class ImageDataModule(L.LightningDataModule):
         for name, v, lo in (("img_size", img_size, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
             if not isinstance(v, int) or v < lo:
                 raise DataError(f"{name}={v!r} must be an integer >= {lo}")
+        check_seed("seed", seed, DataError)
         if not 0.0 <= random_erasing <= 1.0:
             raise DataError(f"random_erasing={random_erasing!r} is a probability: use a value in [0, 1]")
         if dataset == "synthetic":
@@ -59,8 +73,10 @@ class ImageDataModule(L.LightningDataModule):
                                 "real data only (they would change the synthetic labels): leave them unset")
             check_settings(DEFAULT_NUM_CLASSES if num_classes is None else num_classes, difficulty,
                            train_size, val_size)
-        elif root is None:
-            raise DataError(f"dataset {dataset!r} needs --data.root (the folder holding its files)")
+        elif root is None or not str(root).strip():  # "": the working folder, named nowhere in the errors
+            raise DataError(f"dataset {dataset!r} needs --data.root (the folder holding its files), got {root!r}")
+        if rand_augment and dataset != "synthetic":
+            check_rand_augment(rand_augment)
         self.save_hyperparameters()
         self.dataset, self.root, self.img_size, self.batch_size = dataset, root, img_size, batch_size
         self.num_workers, self.seed, self.pin_memory = num_workers, seed, pin_memory

@@ -46,7 +46,8 @@ def class_folders(root: str, split: str) -> List[str]:
     known before any image is scanned."""
     path = os.path.join(root, split)
     if not os.path.isdir(root):
-        raise DataError(f"image folder root {root} does not exist: expected {root}/train/<class>/* "
+        problem = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+        raise DataError(f"image folder root {root} {problem}: expected {root}/train/<class>/* "
                         f"and {root}/val/<class>/*")
     if not os.path.isdir(path):
         raise DataError(f"split folder {path} does not exist: expected {path}/<class>/*")
