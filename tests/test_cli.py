@@ -335,10 +335,10 @@ def test_a_binary_config_file_is_a_short_error(tmp_path, capsys, command):
 @pytest.mark.parametrize("command,ckpt,message", [
     ("fit", "", "--ckpt_path is empty; allowed: a checkpoint file, or last"),  # e.g. --ckpt_path=$CKPT, CKPT unset
     ("fit", "{tmp}", "--ckpt_path {tmp} is a folder; allowed: a checkpoint file"),
-    ("validate", "best", "--ckpt_path best: a new process has no best checkpoint of its own"),
+    ("validate", "best", "--ckpt_path best: a new validate run does not know the best checkpoint"),
     ("fit", "hpc", "--ckpt_path hpc: no hpc_ckpt_*.ckpt in {tmp}"),
-    ("validate", "last", "--ckpt_path last: this validate run's checkpoint folder holds no last.ckpt"),
-    ("predict", "last", "--ckpt_path last: this predict run's checkpoint folder holds no last.ckpt"),
+    ("validate", "last", "--ckpt_path last: no checkpoints/last.ckpt under"),
+    ("predict", "last", "--ckpt_path last: no checkpoints/last.ckpt under"),
 ])
 def test_ckpt_path_values_lightning_cannot_use_are_short_errors(monkeypatch, tmp_path, capsys, command, ckpt,
                                                                  message):
@@ -349,6 +349,17 @@ def test_ckpt_path_values_lightning_cannot_use_are_short_errors(monkeypatch, tmp
     err = capsys.readouterr().err
     assert "error: " + message.format(tmp=tmp_path) in err and "Traceback" not in err
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("predictions.csv"))
+
+
+def test_validate_last_in_a_fixed_empty_checkpoint_folder_is_a_short_error(monkeypatch, tmp_path, capsys):
+    """With --last_checkpoint.dirpath Lightning looks for last.ckpt there itself; none there: an error, not an
+    evaluation of the untrained model."""
+    monkeypatch.chdir(tmp_path)
+    args = ["validate", *SMALL, f"--last_checkpoint.dirpath={tmp_path / 'ck'}", "--ckpt_path=last"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: --ckpt_path last: this validate run's checkpoint folder holds no last.ckpt" in err
+    assert "Traceback" not in err
 
 
 def test_a_seed_out_of_range_is_a_short_error(monkeypatch, tmp_path, capsys):
