@@ -259,9 +259,15 @@ def read_arm(run_dir: Path) -> dict:
         return {}
 
 
+def run_flags(flags: List[str]) -> List[str]:
+    """The passed-through flags that make a run this run, normalised. `--ckpt_path last` is left out: it only
+    says "resume", which the runner does anyway (an arm's own last.ckpt), so it does not make another run."""
+    return [f for f in normalised(flags) if f != "--ckpt_path=last"]
+
+
 def settings(job: dict, passthrough: List[str]) -> dict:
     """What makes a run this run: its whole config and the flags passed through (JSON-normalised)."""
-    return json.loads(json.dumps(dict(config=job["config"], flags=list(passthrough)), default=str))
+    return json.loads(json.dumps(dict(config=job["config"], flags=run_flags(passthrough)), default=str))
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> List[str]:
@@ -283,7 +289,7 @@ def check_same_settings(job: dict, current: dict) -> bool:
     recorded = info.get("settings")
     if recorded is None:  # no earlier run (or one from before settings were kept)
         return False
-    recorded = dict(recorded, flags=normalised(recorded.get("flags", [])))  # recorded before flags were normalised
+    recorded = dict(recorded, flags=run_flags(recorded.get("flags", [])))  # recorded before flags were normalised
     if recorded == current:
         return False
     if info.get("status") != "finished" and not any((job["run_dir"] / "checkpoints").glob("*.ckpt")):

@@ -229,6 +229,21 @@ def test_a_flag_written_either_way_is_the_same_setting(tmp_path, fits, capsys):
     assert len(fits.commands) == 1
 
 
+def test_ckpt_path_last_is_not_a_setting(tmp_path, fits, capsys):
+    """--ckpt_path last is allowed through (each arm resumes its own last.ckpt, as the runner does anyway): adding
+    or dropping it on a rerun is the same run, skipped when finished, not refused as a run with other settings."""
+    path = write_ablation(tmp_path)
+    args = ["fit", "--config", str(path), "--ablation.only=k1", "--trainer.max_epochs=1"]
+    assert maybe_run_ablation(args + ["--ckpt_path", "last"]) == 0
+    assert "--ckpt_path=last" in fits.commands[-1]
+    capsys.readouterr()
+    assert maybe_run_ablation(args) == 0
+    assert "skip finished k1/seed_0" in capsys.readouterr().out
+    assert maybe_run_ablation(args + ["--ckpt_path=last"]) == 0
+    assert "skip finished k1/seed_0" in capsys.readouterr().out
+    assert len(fits.commands) == 1
+
+
 @pytest.mark.parametrize("flags,match", [
     (["--model.lrr", "1e-3"], r"^arm k1: unrecognized arguments: --model.lrr=1e-3 \(did you mean --model.lr\?\) "
                               r"\(no run started\)$"),
