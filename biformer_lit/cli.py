@@ -14,7 +14,7 @@ import math
 import os
 import re
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from .checkpoint import CheckpointError, check_resume_checkpoint
 from .errors import report_storage_error
 from .module import ClassificationModule, NonFiniteLossError
-from .reliability import check_seed
+from .reliability import check_seed, foreign_hpc_checkpoints, hpc_checkpoints
 
 TRAINER_DEFAULTS = {
     "max_epochs": 10,  # CPU-sized; ImageNet runs set 300 (docs/training.md)
@@ -233,13 +233,11 @@ def _check_ckpt_path(path: str, default_root_dir) -> None:
         raise ConfigError(f"--ckpt_path is empty; {allowed}")
     if os.path.isdir(path):
         raise ConfigError(f"--ckpt_path {path} is a folder; {allowed}, e.g. {os.path.join(path, 'last.ckpt')}")
-    folder = default_root_dir or os.getcwd()
-    if path == "hpc" and not glob.glob(os.path.join(glob.escape(folder), "hpc_ckpt_*.ckpt")):
-        raise ConfigError(f"--ckpt_path hpc: no hpc_ckpt_*.ckpt in {folder}; {allowed}")
+    if path == "hpc" and not hpc_checkpoints(default_root_dir):
+        raise ConfigError(f"--ckpt_path hpc: no hpc_ckpt_*.ckpt in {default_root_dir or os.getcwd()}; {allowed}")
 
 
 def _refuse_foreign_hpc_checkpoints(default_root_dir) -> None:
-    from .reliability import foreign_hpc_checkpoints
     found = foreign_hpc_checkpoints(default_root_dir)
     if found:
         raise ConfigError(f"{found[-1]} in {default_root_dir or os.getcwd()}: under SLURM Lightning would silently "
@@ -247,28 +245,46 @@ def _refuse_foreign_hpc_checkpoints(default_root_dir) -> None:
                           "--ckpt_path last or a file, or move the hpc_ckpt files away")
 
 
+def _tensorboard_args(logger):
+    """The init_args of a TensorBoardLogger in the config; None for another logger (or none)."""
+    if not hasattr(logger, "get") or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+        return None
+    return logger.init_args
+
+
+def _log_folder(args) -> str:
+    return os.path.join(args.save_dir, args.get("name") or "")
+
+
+def _versions(args) -> List[Tuple[int, str]]:
+    """(N, <save_dir>/<name>/version_N) of every run of this logger, newest first."""
+    folder = _log_folder(args)
+    found = [(int(m.group(1)), os.path.join(folder, d)) for d in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if (m := VERSION_DIR.fullmatch(d))]
+    return sorted(found, reverse=True)
+
+
+def _last_of(run: str) -> Optional[str]:
+    path = os.path.join(run, "checkpoints", "last.ckpt")
+    return path if os.path.isfile(path) else None
+
+
 def _continue_logger_version(logger, ckpt_path: str) -> None:
     """`fit --ckpt_path` continues in the TensorBoard version the checkpoint belongs to: a new version
     would split the curves in two and restart the best-checkpoint tracking (and, for `last`, hold no
     last.ckpt to find). `last`: the latest version that has one; a file in <save_dir>/<name>/version_N/
     checkpoints/: version N."""
-    if not hasattr(logger, "get") or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+    args = _tensorboard_args(logger)
+    if args is None or args.get("version") is not None:
         return
-    args = logger.init_args
-    if args.get("version") is not None:
-        return
-    folder = os.path.join(args.save_dir, args.get("name") or "")
     if ckpt_path == "last":
-        versions = [int(m.group(1)) for d in (os.listdir(folder) if os.path.isdir(folder) else [])
-                    if (m := VERSION_DIR.fullmatch(d))
-                    and os.path.isfile(os.path.join(folder, d, "checkpoints", "last.ckpt"))]
-        if versions:
-            args.version = max(versions)
+        args.version = next((n for n, run in _versions(args) if _last_of(run)), None)
         return
     checkpoints = os.path.dirname(os.path.abspath(ckpt_path))
     version = os.path.dirname(checkpoints)
     m = VERSION_DIR.fullmatch(os.path.basename(version))
-    if m and os.path.basename(checkpoints) == "checkpoints" and os.path.dirname(version) == os.path.abspath(folder):
+    if m and os.path.basename(checkpoints) == "checkpoints" and \
+            os.path.dirname(version) == os.path.abspath(_log_folder(args)):
         args.version = int(m.group(1))
 
 
@@ -276,17 +292,14 @@ def _run_folders(logger):
     """(where, folders): the TensorBoard run folders `--ckpt_path last` can mean, newest version first (the
     logger's pinned version, else every <save_dir>/<name>/version_N) and how to name them; None for another
     logger (Lightning's own lookup)."""
-    if not hasattr(logger, "get") or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+    args = _tensorboard_args(logger)
+    if args is None:
         return None
-    args = logger.init_args
-    folder = os.path.join(args.save_dir, args.get("name") or "")
     version = args.get("version")
     if version is not None:
-        run = os.path.join(folder, version if isinstance(version, str) else f"version_{version}")
+        run = os.path.join(_log_folder(args), version if isinstance(version, str) else f"version_{version}")
         return run, [run]
-    found = [(int(m.group(1)), d) for d in (os.listdir(folder) if os.path.isdir(folder) else [])
-             if (m := VERSION_DIR.fullmatch(d))]
-    return os.path.join(folder, "version_*"), [os.path.join(folder, d) for _, d in sorted(found, reverse=True)]
+    return os.path.join(_log_folder(args), "version_*"), [run for _, run in _versions(args)]
 
 
 def _named_checkpoint(subcommand: Optional[str], name: str, cfg) -> Optional[str]:
@@ -304,9 +317,9 @@ def _named_checkpoint(subcommand: Optional[str], name: str, cfg) -> Optional[str
         return None
     where, folders = runs or ("this run's log folder", [])
     if name == "last":
-        for run in folders:
-            if os.path.isfile(os.path.join(run, "checkpoints", "last.ckpt")):
-                return os.path.join(run, "checkpoints", "last.ckpt")
+        found = next((last for run in folders if (last := _last_of(run))), None)
+        if found:
+            return found
         raise ConfigError(f"--ckpt_path last: no checkpoints/last.ckpt under {where} (the logger's save_dir and "
                           f"name); pass the checkpoint file, e.g. --ckpt_path RUN/checkpoints/last.ckpt")
     kept = next((files for run in folders if (files := sorted(

@@ -128,9 +128,14 @@ class PreemptionCheckpoint(L.Callback):
             rewind_validation(checkpoint)
 
 
-def foreign_hpc_checkpoints(default_root_dir) -> list:
-    """hpc_ckpt_*.ckpt files Lightning would resume a SLURM run from when no --ckpt_path is given."""
+def hpc_checkpoints(default_root_dir) -> list:
+    """The hpc_ckpt_*.ckpt files (Lightning's SLURM checkpoints) in a run's root folder (default: here)."""
     folder = default_root_dir or os.getcwd()
-    if not SLURMEnvironment.detect() or not os.path.isdir(folder):
+    if not os.path.isdir(folder):
         return []
     return sorted(f for f in os.listdir(folder) if f.startswith("hpc_ckpt_") and f.endswith(".ckpt"))
+
+
+def foreign_hpc_checkpoints(default_root_dir) -> list:
+    """hpc_ckpt_*.ckpt files Lightning would resume a SLURM run from when no --ckpt_path is given."""
+    return hpc_checkpoints(default_root_dir) if SLURMEnvironment.detect() else []
