@@ -37,23 +37,24 @@ def create_model(name: str, num_classes: int, img_size: int, drop_path: float,
     if not timm.is_model(name):
         raise ValueError(f"unknown model {name!r}: use a timm model name, e.g. "
                          f"{', '.join(timm.list_models('biformer*'))}")
+    kwargs = kwargs or {}
     for key in ("num_classes", "img_size"):
-        if key in (kwargs or {}):
+        if key in kwargs:
             raise ValueError(f"model_kwargs.{key}: set it on the data (data.{key}); the CLI links it to the model")
-    if "drop_path_rate" in (kwargs or {}):  # it was silently replaced by drop_path below
+    if "drop_path_rate" in kwargs:  # it was silently replaced by drop_path below
         raise ValueError(f"model_kwargs.drop_path_rate={kwargs['drop_path_rate']!r}: set --model.drop_path instead "
                          f"(the recipe's stochastic depth rate, given to the model as drop_path_rate)")
-    if (kwargs or {}).get("in_chans", 3) != 3:  # it failed at the first batch with a traceback
+    if kwargs.get("in_chans", 3) != 3:  # it failed at the first batch with a traceback
         raise ValueError(f"model_kwargs.in_chans={kwargs['in_chans']!r}: every dataset here gives 3-channel (RGB) "
                          f"images; allowed: 3 (or leave it unset)")
     # timm switches that make no classifier to train: a traceback at construction / the first batch
-    if (kwargs or {}).get("pretrained"):
+    if kwargs.get("pretrained"):
         raise ValueError("model_kwargs.pretrained: weights come from a file here (no downloads): use "
                          "--model.init_from FILE")
-    if (kwargs or {}).get("features_only"):
+    if kwargs.get("features_only"):
         raise ValueError("model_kwargs.features_only: a backbone gives feature maps, not the class logits this "
                          "module trains on; leave it unset")
-    kwargs = dict(kwargs or {}, num_classes=num_classes, drop_path_rate=drop_path)
+    kwargs = dict(kwargs, num_classes=num_classes, drop_path_rate=drop_path)
     try:
         return timm.create_model(name, img_size=img_size, **kwargs)
     except TypeError as e:
