@@ -1,12 +1,22 @@
-"""Failures of the storage under a run (read-only or full disk, no permission): the environment, not a
-bug, so the commands report them as one `error:` line instead of a traceback. And small files written
-so that a kill during the write cannot leave half of one; the folder arguments of report / visualize."""
+"""The one user-error type, and failures of the storage under a run.
+
+UserError: bad input the user can fix (a setting, a file, a folder). Every layer raises it where the
+value is defined; the command line catches it once and prints `error: <message>`, exit status 2, no
+traceback. Storage failures (read-only or full disk, no permission) are the environment, not a bug:
+reported the same way. Also small files written so that a kill during the write cannot leave half of one.
+"""
 import argparse
 import errno
 import os
 import sys
 from pathlib import Path
 from typing import Optional
+
+
+class UserError(ValueError):
+    """Bad input: the message names the value and what is allowed. A ValueError, so code that catches
+    ValueError (timm, jsonargparse, users of the models) keeps working."""
+
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
