@@ -1,7 +1,6 @@
 """biformer-lit: BiFormer and controlled attention ablations on PyTorch Lightning.
 
-Importing the package registers the models with timm: timm.create_model("biformer_tiny").
+Light on purpose (the command line answers --help without torch): `import biformer_lit.models` registers
+the models with timm, as does any module that builds them (biformer_lit.module, the commands).
 """
-from . import attention, models  # noqa: F401
-
 __version__ = "0.1.0"

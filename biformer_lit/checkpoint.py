@@ -17,7 +17,6 @@ type; for a file you trust, `--weights_only false` (a Trainer.fit/validate argum
 import glob
 import os
 import pickle
-import re
 import tempfile
 import zipfile
 from typing import Any, Dict, Optional, Set
@@ -26,15 +25,10 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
-from .errors import storage_oserror
+from .errors import UserError, storage_oserror
 
-__all__ = ["AtomicCheckpointIO", "CheckpointError", "load_checkpoint_file", "check_resume_checkpoint",
-           "state_dict_mismatches", "read_state_dict", "load_init_weights"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used with this model (user input, reported without a traceback)."""
-
+__all__ = ["AtomicCheckpointIO", "load_checkpoint_file", "check_resume_checkpoint", "state_dict_mismatches",
+           "read_state_dict", "load_init_weights"]
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """TorchCheckpointIO that writes via temp file + fsync + os.replace; loads with weights_only=True."""
@@ -80,14 +74,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                                        weights_only=True if weights_only is None else weights_only)
 
 
-def load_checkpoint_file(path, weights_only: bool = True, mmap: bool = False) -> Any:
-    """torch.load on the CPU, every way a file can be unusable turned into a one-line CheckpointError.
-    mmap: map tensor data instead of reading it (a check of a large checkpoint costs no memory)."""
+def load_checkpoint_file(path, weights_only: bool = True, mmap: bool = False, trust_hint: str = "") -> Any:
+    """torch.load on the CPU, every way a file can be unusable turned into a one-line UserError.
+    mmap: map tensor data instead of reading it (a check of a large checkpoint costs no memory);
+    trust_hint: how to load a file holding pickled objects anyway (the command's option)."""
     path = os.fspath(path)
     if os.path.isdir(path):  # it said "not found"
-        raise CheckpointError(f"{path} is a folder; allowed: a checkpoint file")
+        raise UserError(f"{path} is a folder; allowed: a checkpoint file")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise UserError(f"checkpoint file not found: {path}")
     unreadable = f"{path}: not a readable PyTorch checkpoint (corrupt, truncated, or another kind of file)"
     try:
         mmap = mmap and zipfile.is_zipfile(path)  # only torch.save's zip format can be mapped
@@ -96,21 +91,22 @@ def load_checkpoint_file(path, weights_only: bool = True, mmap: bool = False) ->
         if isinstance(e, pickle.UnpicklingError) and zipfile.is_zipfile(path):
             # a real checkpoint holding pickled Python objects beyond tensors and plain values: refused
             # rather than run on load
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            what = found.group(1) if found else "objects of unknown type"
-            raise CheckpointError(f"{path}: holds more than tensors and plain values (pickled {what}); "
-                                  f"refused by the safe loader (weights_only)") from None
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            raise UserError(f"{path}: holds more than tensors and plain values (pickled "
+                            f"{', '.join(unsafe[:2]) or 'objects of unknown type'}); refused by the safe loader "
+                            f"(weights_only){trust_hint}") from None
         # not a zip archive (torch.save writes those): the unpickler's message would only mislead
         detail = "" if isinstance(e, pickle.UnpicklingError) else f" ({type(e).__name__}: {str(e)[:80]})"
-        raise CheckpointError(unreadable + detail) from None
+        raise UserError(unreadable + detail) from None
 
 
-def check_resume_checkpoint(path, weights_only: bool = True, instead: str = "--model.init_from FILE") -> dict:
-    """`--ckpt_path FILE`: a Lightning training checkpoint, readable (CheckpointError otherwise);
+def check_resume_checkpoint(path, weights_only: bool = True, instead: str = "--model.init_from FILE",
+                            trust_hint: str = "") -> dict:
+    """`--ckpt_path FILE`: a Lightning training checkpoint, readable (UserError otherwise);
     `instead` names the option that takes a plain weights file. Returns it, tensors memory-mapped."""
-    ckpt = load_checkpoint_file(path, weights_only, mmap=True)  # Lightning reads it again right after
+    ckpt = load_checkpoint_file(path, weights_only, mmap=True, trust_hint=trust_hint)  # Lightning reads it again
     if not isinstance(ckpt, dict) or "pytorch-lightning_version" not in ckpt or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path} is not a Lightning training checkpoint (no training state); "
+        raise UserError(f"{path} is not a Lightning training checkpoint (no training state); "
                               f"for a file of weights use {instead.replace('FILE', str(path))}")
     return ckpt
 
@@ -132,7 +128,7 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     BiFormer release format (`{"model": state_dict}`), or a bare state dict."""
     ckpt = load_checkpoint_file(path)
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path}: expected a dict, found {type(ckpt).__name__}")
+        raise UserError(f"{path}: expected a dict, found {type(ckpt).__name__}")
     if isinstance(ckpt.get("state_dict"), dict):  # Lightning
         sd = ckpt["state_dict"]
         if any(k.startswith("model.") for k in sd):  # ClassificationModule: model.* (ema.* is skipped)
@@ -142,7 +138,7 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     else:
         sd = ckpt
     if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: no state dict found (expected a Lightning checkpoint, "
+        raise UserError(f"{path}: no state dict found (expected a Lightning checkpoint, "
                               f"{{'model': state_dict}} or a state dict of tensors)")
     return sd
 
@@ -162,7 +158,7 @@ def load_init_weights(model: nn.Module, path: str, ignore_head: bool = False,
                       hint: str = "check --model.model and --model.model_kwargs",
                       sd: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """Initialise `model` from `path` (see read_state_dict; `sd`: its state dict when already read);
-    every mismatch is a CheckpointError (`hint` ends the message for parameters that do not fit)."""
+    every mismatch is a UserError (`hint` ends the message for parameters that do not fit)."""
     sd = read_state_dict(path) if sd is None else sd
     from .models import BiFormer, convert_state_dict  # local: keeps this module light to import
     if isinstance(model, BiFormer):  # the load pre-hook would rename too; the checks below need our names
@@ -174,11 +170,11 @@ def load_init_weights(model: nn.Module, path: str, ignore_head: bool = False,
     else:
         for key in sorted(head_keys):
             if key.endswith("weight") and key in sd and sd[key].shape[0] != own[key].shape[0]:
-                raise CheckpointError(
+                raise UserError(
                     f"{path}: the checkpoint's classifier ({key}) has {sd[key].shape[0]} classes but the model has "
                     f"{own[key].shape[0]} (from the data); use matching data, or "
                     f"--model.init_from_ignore_head=true to start a new classifier")
     problems = state_dict_mismatches(sd, own, ignore=head_keys if ignore_head else set())
     if problems:
-        raise CheckpointError(f"{path} does not fit model {type(model).__name__} ({problems}); {hint}")
+        raise UserError(f"{path} does not fit model {type(model).__name__} ({problems}); {hint}")
     model.load_state_dict(sd, strict=False)

@@ -8,7 +8,6 @@ reported the same way. Also small files written so that a kill during the write 
 import argparse
 import errno
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -44,16 +43,6 @@ def storage_error(e: BaseException) -> Optional[str]:
     return f"{verb} {found.filename}: {found.strerror}"
 
 
-def report_storage_error(e: BaseException, hint: str = "") -> int:
-    """A command's handler for `e`: a storage failure prints `error: <message><hint>` and gives exit
-    status 2; anything else is a bug and is raised again with its traceback."""
-    message = storage_error(e)
-    if message is None:
-        raise e
-    print(f"error: {message}{hint}", file=sys.stderr)
-    return 2
-
-
 def write_text_atomic(path, text: str) -> None:
     """Status / result files: a kill during the write leaves the old file, never half a new one."""
     tmp = f"{os.fspath(path)}.tmp"
@@ -63,8 +52,10 @@ def write_text_atomic(path, text: str) -> None:
 
 
 def folder_arg(text: str) -> Path:
-    """argparse type of the folder arguments of `report` and `visualize`: an empty one (a quoted unset variable)
-    is refused, since Path("") is the working folder, where they would read and write instead."""
+    """argparse type of the folder arguments of the commands: an empty one (a quoted unset variable) is refused,
+    since Path("") is the working folder, where they would read and write instead; so is a file."""
     if not text.strip():
         raise argparse.ArgumentTypeError("empty; allowed: a folder path")
+    if os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text} is a file; allowed: a folder")
     return Path(text)

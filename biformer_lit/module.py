@@ -3,91 +3,46 @@
 Every piece of the recipe is a constructor switch, so the CLI/YAML can turn it off for ablations:
 AdamW with lr scaled by global batch / 512, weight decay off for 1-D params and no_weight_decay()
 names, per-step linear warmup then cosine, label smoothing, Mixup/CutMix, drop path, EMA weights.
-Logged tags (other tools read them): train/loss, train/lr, train/images_per_sec, val/loss,
+Logged tags (other tools read them): train/loss, train/lr, val/loss,
 val/top1, val/top5, val_ema/top1, val_ema/top5, test/loss, test/top1, test/top5 (accuracy in %).
 """
 import math
-import time
 from typing import Any, Dict, Optional, Tuple
 
 import lightning as L
 import timm
 import torch
 import torch.nn.functional as F
-from lightning.fabric.utilities.exceptions import MisconfigurationException
+from jsonargparse.typing import NonNegativeInt, NotEmptyStr, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
+from timm.models import get_pretrained_cfg
 from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from . import models as _models  # noqa: F401  (registers the BiFormer models with timm)
-from .checkpoint import CheckpointError, load_init_weights, state_dict_mismatches
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training diverged (NaN/inf loss): reported without a traceback, the run's checkpoints kept."""
+from . import models
+from .checkpoint import load_init_weights, state_dict_mismatches
+from .errors import UserError
+from .models.config import BiFormerKwargs
+from .settings import NonNegativeFinite, PositiveFinite, Unit, UnitOpen, UnitRightOpen, plain
 
 
 def create_model(name: str, num_classes: int, img_size: int, drop_path: float,
                  kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
-    """timm.create_model, passing img_size only to models that take it (BiFormer, ViTs; not ResNets)."""
+    """timm.create_model; img_size goes to the models built for a size (BiFormer, ViTs, Swin; not ResNets), and
+    model_kwargs (BiFormer's settings) only to BiFormer."""
     if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r}: use a timm model name, e.g. "
-                         f"{', '.join(timm.list_models('biformer*'))}")
-    kwargs = kwargs or {}
-    for key in ("num_classes", "img_size"):
-        if key in kwargs:
-            raise ValueError(f"model_kwargs.{key}: set it on the data (data.{key}); the CLI links it to the model")
-    if "drop_path_rate" in kwargs:  # it was silently replaced by drop_path below
-        raise ValueError(f"model_kwargs.drop_path_rate={kwargs['drop_path_rate']!r}: set --model.drop_path instead "
-                         f"(the recipe's stochastic depth rate, given to the model as drop_path_rate)")
-    if kwargs.get("in_chans", 3) != 3:  # it failed at the first batch with a traceback
-        raise ValueError(f"model_kwargs.in_chans={kwargs['in_chans']!r}: every dataset here gives 3-channel (RGB) "
-                         f"images; allowed: 3 (or leave it unset)")
-    # timm switches that make no classifier to train: a traceback at construction / the first batch
-    if kwargs.get("pretrained"):
-        raise ValueError("model_kwargs.pretrained: weights come from a file here (no downloads): use "
-                         "--model.init_from FILE")
-    if kwargs.get("features_only"):
-        raise ValueError("model_kwargs.features_only: a backbone gives feature maps, not the class logits this "
-                         "module trains on; leave it unset")
-    kwargs = dict(kwargs, num_classes=num_classes, drop_path_rate=drop_path)
-    try:
-        return timm.create_model(name, img_size=img_size, **kwargs)
-    except TypeError as e:
-        if "img_size" not in str(e):
-            raise
-    return timm.create_model(name, **kwargs)
-
-
-# setting -> (allowed range, as said in the error); checked before anything is built, so a bad value
-# fails at once with its name instead of mid-run in the optimizer, the loss or drop path
-RECIPE_RANGES = {
-    "lr": (lambda v: v > 0, "> 0"), "min_lr": (lambda v: v >= 0, ">= 0"), "eps": (lambda v: v > 0, "> 0"),
-    "base_batch_size": (lambda v: v >= 1, ">= 1"), "weight_decay": (lambda v: v >= 0, ">= 0"),
-    "warmup_epochs": (lambda v: v >= 0, ">= 0"), "warmup_steps": (lambda v: v is None or v >= 0, ">= 0"),
-    "mixup": (lambda v: v >= 0, ">= 0 (0 = off)"), "cutmix": (lambda v: v >= 0, ">= 0 (0 = off)"),
-    "label_smoothing": (lambda v: 0 <= v < 1, "[0, 1)"), "drop_path": (lambda v: 0 <= v < 1, "[0, 1)"),
-    "mixup_prob": (lambda v: 0 <= v <= 1, "[0, 1]"), "mixup_switch_prob": (lambda v: 0 <= v <= 1, "[0, 1]"),
-    "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two values in [0, 1)"),
-    "ema_decay": (lambda v: v is None or 0 < v < 1, "(0, 1), e.g. 0.9998, or null (off)"),
-}
-
-
-def check_recipe(**settings) -> None:
-    for name, value in settings.items():
-        ok, allowed = RECIPE_RANGES[name]
-        # a YAML `.inf` passes every lower bound: eps=inf zeroed the Adam step, warmup_epochs=inf failed mid-run
-        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, (tuple, list))
-                                                                         else [value])):
-            raise ValueError(f"{name}={value!r}; allowed: a finite number, {allowed}")
-        if not ok(value):
-            raise ValueError(f"{name}={value!r}; allowed: {allowed}")
-    if settings.get("min_lr", 0) > settings.get("lr", float("inf")):  # the "decay" would raise the lr
-        raise ValueError(f"min_lr={settings['min_lr']!r} is above lr={settings['lr']!r}; allowed: min_lr <= lr")
+        raise UserError(f"unknown model {name!r}: use a timm model name, e.g. "
+                        f"{', '.join(timm.list_models('biformer*'))}")
+    biformer = timm.models.model_entrypoint(name).__module__ == models.biformer.__name__
+    if kwargs and not biformer:
+        raise UserError(f"model_kwargs={kwargs!r}: these are BiFormer's settings; model {name!r} takes none here")
+    sized = biformer or getattr(get_pretrained_cfg(name), "fixed_input_size", False)
+    return timm.create_model(name, num_classes=num_classes, drop_path_rate=drop_path, **(kwargs or {}),
+                             **(dict(img_size=img_size) if sized else {}))
 
 
 def param_groups(model: nn.Module, weight_decay: float):
@@ -136,24 +91,23 @@ class ClassificationModule(L.LightningModule):
             release file ({"model": state_dict}); init_from_ignore_head: keep a new classifier.
     """
 
-    def __init__(self, model: str = "biformer_cpu_tiny", model_kwargs: Optional[Dict[str, Any]] = None,
-                 num_classes: int = 10, img_size: int = 64,
-                 lr: float = 5e-4, min_lr: float = 1e-5, base_batch_size: int = 512, scale_lr: bool = True,
-                 weight_decay: float = 0.05, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 warmup_epochs: float = 5.0, warmup_steps: Optional[int] = None,
-                 label_smoothing: float = 0.1, mixup: float = 0.8, cutmix: float = 1.0,
-                 mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5, drop_path: float = 0.1,
-                 ema_decay: Optional[float] = None,
-                 init_from: Optional[str] = None, init_from_ignore_head: bool = False):
+    def __init__(self, model: str = "biformer_cpu_tiny", model_kwargs: Optional[BiFormerKwargs] = None,
+                 num_classes: int = 10, img_size: PositiveInt = 64,
+                 lr: PositiveFinite = 5e-4, min_lr: NonNegativeFinite = 1e-5, base_batch_size: PositiveInt = 512,
+                 scale_lr: bool = True, weight_decay: NonNegativeFinite = 0.05,
+                 betas: Tuple[UnitRightOpen, UnitRightOpen] = (0.9, 0.999), eps: PositiveFinite = 1e-8,
+                 warmup_epochs: NonNegativeFinite = 5.0, warmup_steps: Optional[NonNegativeInt] = None,
+                 label_smoothing: UnitRightOpen = 0.1, mixup: NonNegativeFinite = 0.8, cutmix: NonNegativeFinite = 1.0,
+                 mixup_prob: Unit = 1.0, mixup_switch_prob: Unit = 0.5, drop_path: UnitRightOpen = 0.1,
+                 ema_decay: Optional[UnitOpen] = None,
+                 init_from: Optional[NotEmptyStr] = None, init_from_ignore_head: bool = False):
+        hparams = plain({k: v for k, v in locals().items() if k not in ("self", "__class__")})
         super().__init__()
-        if init_from is not None and not str(init_from).strip():  # it was ignored: a run from random weights
-            raise ValueError("init_from is empty; allowed: a weights file, or leave it unset (null)")
-        check_recipe(lr=lr, min_lr=min_lr, base_batch_size=base_batch_size, weight_decay=weight_decay, betas=betas,
-                     eps=eps, warmup_epochs=warmup_epochs, warmup_steps=warmup_steps,
-                     label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, mixup_prob=mixup_prob,
-                     mixup_switch_prob=mixup_switch_prob, drop_path=drop_path, ema_decay=ema_decay)
-        self.save_hyperparameters()
+        if min_lr > lr:  # the "decay" would raise the lr
+            raise UserError(f"min_lr={min_lr!r} is above lr={lr!r}; allowed: min_lr <= lr")
+        self.save_hyperparameters(hparams)
         self.model = create_model(model, num_classes, img_size, drop_path, model_kwargs)
+        self.example_input_array = torch.zeros(1, 3, img_size, img_size)  # Lightning's summary counts FLOPs on it
         self.mixup_fn = None
         if (mixup > 0 or cutmix > 0) and mixup_prob > 0:
             self.mixup_fn = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob,
@@ -173,8 +127,6 @@ class ClassificationModule(L.LightningModule):
         # the mean loss over every image of the split (a mean of per-process means would weigh the
         # images of the smaller DDP shard more)
         self.eval_loss = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
-        self._t_last: Optional[float] = None
-        self._n_last = 0
         self._initialised = False
         self._skipped_seen = 0
 
@@ -182,9 +134,10 @@ class ClassificationModule(L.LightningModule):
         return self.model(x)
 
     def configure_callbacks(self):
-        from .callbacks import PredictionWriter
-        from .reliability import EpochSeed, PreemptionCheckpoint
-        return [EpochSeed(), PreemptionCheckpoint(), PredictionWriter()]  # the writer acts in predict only
+        from .callbacks import EpochProgress, PredictionWriter
+        from .reliability import PreemptionCheckpoint
+        # the writer acts in predict only; the progress lines when the progress bar is off
+        return [PreemptionCheckpoint(), PredictionWriter(), EpochProgress()]
 
     # --- set-up --------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -201,7 +154,7 @@ class ClassificationModule(L.LightningModule):
         # Lightning's strict load would end in a long traceback; say what does not fit, and the way out
         problems = state_dict_mismatches(checkpoint.get("state_dict", {}), self.state_dict())
         if problems and self.strict_loading:
-            raise CheckpointError(f"the checkpoint does not fit this model ({problems}): it was trained with "
+            raise UserError(f"the checkpoint does not fit this model ({problems}): it was trained with "
                                   f"another model, model_kwargs, class count (--data.num_classes / the data) "
                                   f"or EMA setting; pass the settings it was trained with, or to start from "
                                   f"its weights use --model.init_from FILE (and --model.init_from_ignore_head "
@@ -230,7 +183,6 @@ class ClassificationModule(L.LightningModule):
     # --- training ------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        self._n_last = x.size(0)
         if self.mixup_fn is not None and x.size(0) > 1:
             if x.size(0) % 2:  # timm's Mixup pairs samples: an odd batch drops its last image (warned at start)
                 x, y = x[:-1], y[:-1]
@@ -246,7 +198,7 @@ class ClassificationModule(L.LightningModule):
             # stop before the optimizer step writes NaNs into the weights; the checkpoints on disk are the
             # last good ones (see biformer_lit.reliability)
             where = f"({loss.item()})" if not finite else "on another process"
-            raise NonFiniteLossError(f"non-finite training loss {where} at global step {self.global_step}, "
+            raise UserError(f"non-finite training loss {where} at global step {self.global_step}, "
                                      f"epoch {self.current_epoch}, batch {batch_idx}: stopping; the last good "
                                      f"checkpoint is kept (--ckpt_path last resumes it with its own settings; "
                                      f"for a lower lr start a new run from its weights: --model.init_from FILE "
@@ -272,8 +224,8 @@ class ClassificationModule(L.LightningModule):
         if not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
             return
         if not math.isfinite(trainer.estimated_stepping_batches):
-            raise MisconfigurationException("the warmup + cosine schedule needs a known length: with "
-                                            "max_epochs=-1 set max_steps (or a positive max_epochs)")
+            raise UserError("trainer.max_epochs=-1 with no max_steps: the warmup + cosine schedule needs a known "
+                            "length; allowed: a positive max_epochs, or max_steps")
         total = max(1, int(trainer.estimated_stepping_batches))
         warmup = hp.warmup_steps
         if warmup is None:
@@ -304,11 +256,8 @@ class ClassificationModule(L.LightningModule):
                            f"its last image; use an even batch size")
         if self.device.type == "cpu" and any(getattr(m, "backend", None) == "flex" for m in self.model.modules()):
             # it would fail at the first backward, after the model summary, with a traceback
-            raise MisconfigurationException("attn_backend='flex' cannot train on the CPU (FlexAttention has no "
-                                            "CPU backward); allowed there: auto, indexed, masked, gather")
-
-    def on_train_epoch_start(self) -> None:
-        self._t_last = None  # the first step's time includes starting the data loader: not measured
+            raise UserError("attn_backend='flex' cannot train on the CPU (FlexAttention has no CPU backward); "
+                            "allowed there: auto, indexed, masked, gather")
 
     def on_train_epoch_end(self) -> None:
         # --data.skip_corrupt: say how many unreadable images this epoch passed over (the count is cumulative)
@@ -319,14 +268,6 @@ class ClassificationModule(L.LightningModule):
                            f"(--data.skip_corrupt; {total} so far)")
             self.log("data/skipped_images", float(total), rank_zero_only=True)
         self._skipped_seen = total
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # wall time between consecutive steps (data loading included) on rank 0, scaled by world size
-        now = time.perf_counter()
-        if self._t_last is not None and now > self._t_last:
-            self.log("train/images_per_sec", self._n_last * self.trainer.world_size / (now - self._t_last),
-                     on_step=True, on_epoch=False, rank_zero_only=True, batch_size=self._n_last)
-        self._t_last = now
 
     # --- evaluation ----------------------------------------------------------------------------------
     def _eval_step(self, batch, stage: str) -> None:
@@ -353,9 +294,6 @@ class ClassificationModule(L.LightningModule):
         self._log_accuracy("val")
         if self.ema is not None:
             self._log_accuracy("val_ema")
-
-    def on_validation_end(self) -> None:
-        self._t_last = None  # don't count validation in the next training step's time
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "test")

@@ -1,9 +1,9 @@
-"""What keeps long runs alive and reproducible (attached by ClassificationModule.configure_callbacks).
+"""What keeps long runs alive and reproducible (the CLI adds EpochSeed; the module attaches PreemptionCheckpoint).
 
-- EpochSeed: every training epoch reseeds python/numpy/torch from (seed, epoch, rank). An epoch's
-  randomness (drop path, Mixup/CutMix, augmentation) then does not depend on what ran before it,
-  so a run resumed from an epoch-end checkpoint continues exactly as the uninterrupted run would
-  (the data order and augmentation are functions of (seed, epoch) too: see data.sampler).
+- EpochSeed (the CLI adds it; switchable): every training epoch reseeds python/numpy/torch from (seed, epoch,
+  rank). An epoch's randomness (drop path, Mixup/CutMix) then does not depend on what ran before it, so a
+  run resumed from an epoch-end checkpoint continues exactly as the uninterrupted run would (the data order
+  and augmentation are functions of (seed, epoch) too: see data.sampler).
 - PreemptionCheckpoint: on SIGTERM (what SLURM sends before preemption or at the time limit),
   Lightning stops after the current batch; this writes last.ckpt first, so the same command with
   `--ckpt_path last` (or a requeued SLURM job) continues. SIGKILL can't be caught: the run resumes
@@ -28,22 +28,21 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
-SEED_MAX = 2**32 - 1  # seed_everything's range (numpy's); the data seed and the ablation's seeds use it too
-
-
-def check_seed(name: str, value, error=ValueError) -> None:
-    """A seed setting: an integer in 0..SEED_MAX (beyond it seed_everything and torch's generators fail
-    with a traceback, mid-run for the data's)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
-        raise error(f"{name}={value!r}; allowed: an integer in 0..{SEED_MAX}")
-
-
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % 2**32
 
 
 class EpochSeed(L.Callback):
+    """Reseed python / numpy / torch at every training epoch from (seed, epoch, rank). On by default (the CLI's
+    `epoch_seed` group); `--epoch_seed.enabled false` leaves the global generators alone, and a run resumed from
+    an epoch-end checkpoint then draws other drop-path / Mixup randomness than the uninterrupted run."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
     def on_train_epoch_start(self, trainer, pl_module):
+        if not self.enabled:
+            return
         seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))  # set by seed_everything
         s = epoch_seed(seed, trainer.current_epoch, trainer.global_rank)
         random.seed(s)

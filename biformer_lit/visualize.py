@@ -6,12 +6,10 @@ depend only on the feature-map size). Token masks come from attention/reference.
 fast kernels are tested against, so a picture shows what the layer computed, not a re-derivation.
 Figures are drawn on matplotlib's Agg canvas directly: no pyplot state, no display needed.
 
-CLI: python cli.py visualize --ckpt_path CKPT --image IMG [IMG...] --out DIR
+The command `python cli.py visualize` is biformer_lit/commands/visualize.py.
 """
-import argparse
 import contextlib
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
@@ -23,12 +21,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
+
 from .attention import reference as ref
 from .attention.base import TokenMixer
-from .errors import folder_arg, report_storage_error
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # one colour per query region (red, blue, green, yellow, violet)
 COLOURS = np.array([[1.0, 0.15, 0.1], [0.1, 0.45, 1.0], [0.1, 0.85, 0.2], [1.0, 0.85, 0.0], [0.8, 0.2, 1.0]])
 STATIC_PATTERNS = {"window": ref.window_pattern, "shifted_window": ref.shifted_window_pattern,
@@ -385,195 +381,3 @@ def attention_heat(model: nn.Module, image: torch.Tensor, stage: int, block: int
     rec = record_layers(model, images, {(stage, block)}, keep_inputs=True)[0]
     module = {(s, b): m for s, b, m in attention_layers(model)}[stage, block]
     return attention_weights(module, rec, query_token, batch).mean(0)
-
-
-# --------------------------------------------------------------------------- CLI
-
-class UsageError(Exception):
-    """A problem with the user's input: reported as `error: ...`, exit status 2."""
-
-
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """(3, size, size) image in [0, 1] (PIL, bicubic resize)."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB").resize((size, size), Image.BICUBIC)
-            return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # as the datasets catch them
-        raise UsageError(f"cannot read image {path}: {e}") from None
-
-
-def normalise(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-
-
-def load_weights_model(name: str, weights: Optional[Path]) -> nn.Module:
-    """timm model `name` (num_classes taken from the weights' head), loaded from an original-format
-    {"model": sd}, a {"state_dict": ...} Lightning file or a bare state dict. No weights: random init."""
-    import timm
-    from . import models  # noqa: F401  (registers the BiFormer models with timm)
-    from .checkpoint import CheckpointError, load_init_weights, read_state_dict
-    sd = None
-    if weights is not None:
-        try:
-            sd = read_state_dict(str(weights))
-        except CheckpointError as e:
-            raise UsageError(str(e)) from None
-    kwargs = {}
-    if sd is not None and "head.weight" in sd:
-        kwargs["num_classes"] = sd["head.weight"].shape[0]
-    try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except RuntimeError as e:  # timm: unknown model
-        raise UsageError(str(e)) from None
-    if sd is not None:
-        try:
-            load_init_weights(model, str(weights), hint=f"check that they are weights of {name}", sd=sd)
-        except CheckpointError as e:
-            raise UsageError(str(e)) from None
-    return model
-
-
-def load_checkpoint_model(path: Path, trust: bool) -> Tuple[nn.Module, Tuple[Sequence[float], Sequence[float]]]:
-    """The checkpoint's network, and the (mean, std) its training data were normalised with: the images are
-    normalised the same way, so the routing drawn is the routing the model computes on its own data
-    (a model of the synthetic task routed most query regions elsewhere on ImageNet-normalised input)."""
-    try:
-        from .module import ClassificationModule
-    except ImportError as e:
-        raise UsageError(f"--ckpt_path needs biformer_lit.module.ClassificationModule ({e}); "
-                         f"use --model NAME --weights FILE instead") from None
-    from .checkpoint import CheckpointError, check_resume_checkpoint
-    try:
-        # weights_only refuses arbitrary pickled objects; --trust_checkpoint lifts that for own files
-        ckpt = check_resume_checkpoint(path, weights_only=not trust, instead="--model NAME --weights FILE")
-    except CheckpointError as e:
-        hint = "; if you trust the file, pass --trust_checkpoint" if "more than tensors" in str(e) else ""
-        raise UsageError(f"{e}{hint}") from None
-    if "model" not in (ckpt.get("hyper_parameters") or {}):  # was built with defaults, then a traceback
-        raise UsageError(f"{path} is a Lightning checkpoint of another module (no ClassificationModule settings); "
-                         f"for its weights use --model NAME --weights {path}")
-    from .data.datamodule import normalisation_of
-    stats = normalisation_of(ckpt.get("datamodule_hyper_parameters") or {})
-    try:
-        return ClassificationModule.load_from_checkpoint(path, map_location="cpu", weights_only=not trust).model, stats
-    except ValueError as e:  # its settings build no model (e.g. an unknown model name), or its weights don't fit
-        raise UsageError(f"{path}: {e}") from None
-
-
-def model_img_size(net: nn.Module) -> int:
-    """The input size the model was built for (BiFormer.img_size, else timm's pretrained_cfg)."""
-    size = getattr(net, "img_size", None)
-    if size is None:
-        size = (getattr(net, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-2:]
-    return size if isinstance(size, int) else int(size[0])
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cli.py visualize",
-                                description="Draw each attention layer's routing / key pattern over images.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt_path", type=Path, help="Lightning checkpoint of a ClassificationModule (images are "
-                     "normalised as its training data were)")
-    src.add_argument("--model", help="timm model name (with --weights; without: random init)")
-    p.add_argument("--weights", type=Path, help="state dict for --model: {'model': sd} or bare")
-    p.add_argument("--trust_checkpoint", action="store_true",
-                   help="allow full unpickling of --ckpt_path (only for files you trust)")
-    p.add_argument("--image", type=Path, nargs="+", required=True)
-    p.add_argument("--out", type=folder_arg, required=True, help="output folder for the PNGs")
-    p.add_argument("--img_size", type=int, help="input size (default: the model's)")
-    p.add_argument("--stage", type=int, nargs="+", help="stages to draw (default: all)")
-    p.add_argument("--all_blocks", action="store_true", help="every block, not just the last of each stage")
-    p.add_argument("--query", type=int, nargs="+",
-                   help="query regions (row-major ids; default: 3 spread-out regions per layer)")
-    p.add_argument("--query_point", type=float, nargs=2, default=(0.5, 0.5), metavar=("Y", "X"),
-                   help="query token as fractions of image height/width (default: centre)")
-    p.add_argument("--heat", action="store_true", help="add a panel with the query token's attention weights")
-    return p
-
-
-def check_args(args) -> None:
-    """Values argparse cannot check by type alone."""
-    if args.img_size is not None and args.img_size < 1:
-        raise UsageError(f"--img_size {args.img_size}; allowed: a positive size in pixels")
-    if not all(0.0 <= v <= 1.0 for v in args.query_point):
-        raise UsageError(f"--query_point {args.query_point[0]} {args.query_point[1]}; allowed: fractions in [0, 1]")
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out} is a file; allowed: a folder (created if missing)")
-    stems = [p.stem for p in args.image]
-    twice = sorted({s for s in stems if stems.count(s) > 1})
-    if twice:  # output files are named after the image: one picture would overwrite the other
-        raise UsageError(f"two --image files named {twice[0]!r}: pictures are named after the image; rename one")
-
-
-def run(args) -> List[Path]:
-    missing = [p for p in [args.ckpt_path, args.weights, *args.image] if p is not None and not p.is_file()]
-    if missing:
-        raise UsageError("file not found: " + ", ".join(str(p) for p in missing))
-    if args.weights is not None and args.model is None:
-        raise UsageError("--weights goes with --model")
-    check_args(args)
-    if args.ckpt_path:
-        net, (mean, std) = load_checkpoint_model(args.ckpt_path, args.trust_checkpoint)
-    else:  # released / bare weights: ImageNet's statistics, as the released models were trained
-        net, (mean, std) = load_weights_model(args.model, args.weights), (IMAGENET_MEAN, IMAGENET_STD)
-    size = args.img_size or model_img_size(net)
-    stages = sorted({s for s, _, _ in attention_layers(net)})
-    unknown = sorted(set(args.stage or []) - set(stages))
-    if unknown:
-        raise UsageError(f"--stage {' '.join(map(str, unknown))}: no such stage; "
-                         f"allowed: {', '.join(map(str, stages))}")
-    raw = torch.stack([load_image(p, size) for p in args.image])
-    images = normalise(raw, mean, std)
-    layers = select_layers(net, args.stage, args.all_blocks)
-    if not layers:  # e.g. --model resnet18: nothing routes, nothing to draw
-        raise UsageError("the model has no attention layers to draw")
-    try:
-        records = record_layers(net, images, layers, keep_inputs=args.heat)
-    except ValueError as e:  # the model's own check of the input, e.g. below its stem's minimum size
-        raise UsageError(f"--img_size {size}: {e}") from e
-    if args.query:
-        fitting = [r for r in records if set(args.query) <= set(nonempty_regions(r))]
-        if not fitting:
-            grids = ", ".join(f"stage {r.stage}: 0..{r.n_win ** 2 - 1}" for r in records)
-            raise UsageError(f"--query {' '.join(map(str, args.query))}: no drawn layer has these regions "
-                             f"(row-major ids; {grids})")
-        if len(fitting) < len(records):  # e.g. 12 exists in a 4x4 grid, not in a 2x2 one
-            missing = sorted({r.stage for r in records} - {r.stage for r in fitting})
-            print(f"note: --query regions missing in stage(s) {missing}: those layers show the default query "
-                  f"regions", file=sys.stderr)
-    modules = {(s, b): m for s, b, m in attention_layers(net)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for i, path in enumerate(args.image):
-        for rec in records:
-            h, w = rec.size
-            qt = (min(int(args.query_point[0] * h), h - 1), min(int(args.query_point[1] * w), w - 1))
-            heat = attention_weights(modules[rec.stage, rec.block], rec, qt, i).mean(0) if args.heat else None
-            fig = routing_figure(raw[i], rec, args.query, qt, batch=i, heat=heat, mean=None, std=None)
-            out = args.out / f"{path.stem}_stage{rec.stage}_block{rec.block}_{rec.kind}.png"
-            fig.savefig(out)
-            written.append(out)
-    return written
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # argparse already printed usage / help
-        return int(e.code or 0)
-    try:
-        paths = run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        return report_storage_error(e, " (write the pictures elsewhere with --out DIR)")
-    for p in paths:
-        print(p)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,6 @@
+import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,3 +29,23 @@ def reference():
             pytest.fail(f"reference fixture missing: {FIXTURE}")
         pytest.skip(f"reference fixture not found at {FIXTURE}")
     return torch.load(FIXTURE, weights_only=True)
+
+
+class _CurrentStderr:
+    """Lightning's log handlers keep the stderr of the moment they were made: in-process runs of the CLI in later
+    tests then wrote to a stream pytest had closed. This one is always the test's own stderr."""
+
+    def write(self, text):
+        return sys.stderr.write(text)
+
+    def flush(self):
+        sys.stderr.flush()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _lightning_logs_to_the_current_stderr():
+    import lightning  # noqa: F401  (sets up its handlers)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setStream(_CurrentStderr())

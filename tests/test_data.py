@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from biformer_lit.data import DataError, ImageDataModule, ImageFolderDataset, SyntheticRelations
+from biformer_lit.data import ImageDataModule, ImageFolderDataset, SyntheticRelations
+from biformer_lit.errors import UserError
 from biformer_lit.data import synthetic
 
 
@@ -86,7 +87,7 @@ def test_no_files_written(tmp_path, monkeypatch):
     (dict(train_size=0), ["train_size=0"]),
 ])
 def test_synthetic_rejects_bad_values(kwargs, words):
-    with pytest.raises(DataError) as err:
+    with pytest.raises(UserError) as err:
         SyntheticRelations(**kwargs)
     assert all(w in str(err.value) for w in words), str(err.value)
     assert isinstance(err.value, ValueError)
@@ -202,24 +203,21 @@ def test_num_classes_before_setup(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(dataset="mnist"), ["'mnist'", "synthetic, cifar10, cifar100, imagefolder"]),
     (dict(dataset="cifar10", root="x", num_classes=100), ["num_classes=100", "10 classes"]),
     (dict(dataset="cifar10"), ["--data.root"]),
     (dict(dataset="imagefolder", root=""), ["--data.root", "got ''"]),  # said "image folder root  does not exist"
     (dict(num_classes=40), ["num_classes=40"]),
     (dict(difficulty=-0.1), ["difficulty=-0.1"]),
-    (dict(batch_size=0), ["batch_size=0"]),
-    (dict(seed=2**64), ["seed=18446744073709551616", "0..4294967295"]),  # was a traceback at the first epoch
     # timm's parser asserts: each was an AssertionError / ValueError traceback once the run had started
     (dict(dataset="cifar10", root="x", rand_augment="bogus"), ["rand_augment='bogus'", "Unknown AA policy bogus",
                                                                "rand-m9-mstd0.5-inc1"]),
     (dict(dataset="cifar10", root="x", rand_augment="randx"), ["rand_augment='randx'", "(AssertionError)",
                                                                "allowed: e.g."]),
     (dict(rand_augment="rand-m9-mstd0.5-inc1"), ["rand_augment='rand-m9-mstd0.5-inc1'", "real data"]),
-    (dict(dataset="cifar10", root="x", random_erasing=2.0), ["random_erasing=2.0"]),
 ])
 def test_datamodule_rejects_bad_values(kwargs, words):
-    with pytest.raises(DataError) as err:
+    """(Types and ranges the parser checks, e.g. data.batch_size, are in test_cli's bad input.)"""
+    with pytest.raises(UserError) as err:
         ImageDataModule(**kwargs)
     assert all(w in str(err.value) for w in words), str(err.value)
 
@@ -264,14 +262,14 @@ def test_imagefolder_loaders(tmp_path):
 
 
 def test_imagefolder_missing_folders(tmp_path):
-    with pytest.raises(DataError, match="nowhere does not exist"):
+    with pytest.raises(UserError, match="nowhere does not exist"):
         ImageDataModule("imagefolder", root=str(tmp_path / "nowhere")).num_classes
     (tmp_path / "afile").write_text("")
-    with pytest.raises(DataError, match="afile is a file, not a folder"):  # it said "does not exist"
+    with pytest.raises(UserError, match="afile is a file, not a folder"):  # it said "does not exist"
         ImageDataModule("imagefolder", root=str(tmp_path / "afile")).num_classes
     root = _image_folder(tmp_path, splits=("train",))
     dm = ImageDataModule("imagefolder", root=str(root))
-    with pytest.raises(DataError) as err:
+    with pytest.raises(UserError) as err:
         dm.setup()
     assert str(root / "val") in str(err.value)
 
@@ -279,7 +277,7 @@ def test_imagefolder_missing_folders(tmp_path):
 def test_imagefolder_empty_class_folder(tmp_path):
     root = _image_folder(tmp_path)
     (root / "train" / "zzz").mkdir()
-    with pytest.raises(DataError) as err:
+    with pytest.raises(UserError) as err:
         ImageFolderDataset(str(root), "train")
     assert str(root / "train" / "zzz") in str(err.value)
 
@@ -291,7 +289,7 @@ def test_imagefolder_corrupt_image(tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     ds = ImageFolderDataset(str(root), "train")
     assert ds[0][1] == 0
-    with pytest.raises(DataError) as err:
+    with pytest.raises(UserError) as err:
         ds[4]
     assert str(bad) in str(err.value) and "skip_corrupt" in str(err.value)
 
@@ -317,7 +315,7 @@ def test_skip_count_seen_across_workers(tmp_path):
 
 def test_cifar_missing_files(tmp_path):
     dm = ImageDataModule("cifar100", root=str(tmp_path))
-    with pytest.raises(DataError) as err:
+    with pytest.raises(UserError) as err:
         dm.setup()
     msg = str(err.value)
     assert f"CIFAR-100 not found under {tmp_path}" in msg and "cifar-100-python/" in msg
@@ -328,7 +326,7 @@ def test_cifar_missing_files(tmp_path):
 def test_cifar_corrupt_files(tmp_path):
     (tmp_path / "cifar-10-batches-py").mkdir()
     (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"junk")
-    with pytest.raises(DataError, match="CIFAR-10 under .* is incomplete or corrupted"):
+    with pytest.raises(UserError, match="CIFAR-10 under .* is incomplete or corrupted"):
         ImageDataModule("cifar10", root=str(tmp_path)).setup()
 
 
@@ -386,7 +384,7 @@ def test_a_symlink_loop_lists_each_image_once(tmp_path):
 
 def test_one_class_and_a_failed_download_are_clean_errors(tmp_path, monkeypatch):
     root = _image_folder(tmp_path, classes=("only",))
-    with pytest.raises(DataError, match=r"has one class folder \('only'\); classification needs at least 2"):
+    with pytest.raises(UserError, match=r"has one class folder \('only'\); classification needs at least 2"):
         ImageDataModule("imagefolder", root=str(root)).num_classes
     import urllib.error
     import torchvision
@@ -395,7 +393,7 @@ def test_one_class_and_a_failed_download_are_clean_errors(tmp_path, monkeypatch)
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    with pytest.raises(DataError, match=r"downloading CIFAR-10 to .* failed .*Name or service not known"):
+    with pytest.raises(UserError, match=r"downloading CIFAR-10 to .* failed .*Name or service not known"):
         cifar("cifar10", str(tmp_path), train=True, download=True)
 
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from biformer_lit.checkpoint import AtomicCheckpointIO, CheckpointError, load_init_weights
+from biformer_lit.checkpoint import AtomicCheckpointIO, load_init_weights
 from biformer_lit.data import ImageDataModule
+from biformer_lit.errors import UserError
 from biformer_lit.module import ClassificationModule, create_model, param_groups, warmup_cosine
 
-TAGS = ["train/loss", "train/lr", "train/images_per_sec", "val/loss", "val/top1", "val/top5"]
+TAGS = ["train/loss", "train/lr", "val/loss", "val/top1", "val/top5"]
 
 
 def data(**kw):
@@ -63,45 +64,37 @@ def test_warmup_then_cosine_to_min_ratio():
 def test_img_size_only_for_models_that_take_it():
     assert create_model("biformer_cpu_tiny", 3, 32, 0.0).img_size == (32, 32)
     assert create_model("resnet10t", 3, 32, 0.0).num_classes == 3  # ResNets have no img_size argument
-    with pytest.raises(ValueError, match="data.num_classes"):
-        ClassificationModule(num_classes=3, img_size=32, model_kwargs={"num_classes": 5})
-    with pytest.raises(ValueError, match="unknown model"):
+    assert create_model("swin_tiny_patch4_window7_224", 3, 64, 0.0).patch_embed.img_size == (64, 64)
+    with pytest.raises(UserError, match="'no_such_model'"):
         create_model("no_such_model", 3, 32, 0.0)
+    with pytest.raises(UserError, match="'resnet10t' takes none"):  # model_kwargs are BiFormer's settings
+        create_model("resnet10t", 3, 32, 0.0, {"depths": 2})
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    # silently replaced by drop_path
-    (dict(model_kwargs={"drop_path_rate": 0.3}), r"model_kwargs.drop_path_rate=0.3: set --model.drop_path instead"),
-    # a traceback at the first batch (the data's images have 3 channels)
-    (dict(model_kwargs={"in_chans": 1}), r"model_kwargs.in_chans=1: every dataset here gives 3-channel \(RGB\) "
-                                         r"images; allowed: 3"),
-    # timm's RuntimeError (no weights to download) / an AttributeError at the first batch (a list of features)
-    (dict(model_kwargs={"pretrained": True}), r"model_kwargs.pretrained: weights come from a file here"),
-    (dict(model_kwargs={"features_only": True}), r"model_kwargs.features_only: a backbone gives feature maps"),
-    # ignored (e.g. --model.init_from=$INIT with INIT unset): a run from random weights
-    (dict(init_from=""), r"init_from is empty; allowed: a weights file, or leave it unset"),
+def test_model_kwargs_name_every_biformer_setting_but_those_of_the_data_and_recipe():
+    """The typed model configuration follows BiFormer's constructor: a new knob is a parser key at once."""
+    import inspect
+    from biformer_lit.models import BiFormer
+    from biformer_lit.models.config import NOT_SETTINGS, BiFormerKwargs
+    params = set(inspect.signature(BiFormer).parameters)
+    assert set(BiFormerKwargs.__annotations__) == params - set(NOT_SETTINGS)
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("lr", "-1.0"), ("lr", ".inf"), ("eps", ".inf"), ("drop_path", "1.5"), ("label_smoothing", "1.5"),
+    ("ema_decay", "2.0"), ("mixup_prob", "1.2"), ("betas", "[0.9, 1.0]"), ("warmup_steps", "-3"),
+    ("warmup_epochs", ".inf"), ("weight_decay", "-0.1"), ("mixup", ".inf"), ("base_batch_size", "0"),
+    ("init_from", ""),  # ignored (--model.init_from=$INIT with INIT unset): a run from random weights
+    ("model_kwargs", "{features_only: true}"), ("model_kwargs", "{pretrained: true}"),
 ])
-def test_model_settings_that_were_ignored_or_failed_later_are_rejected(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        ClassificationModule(num_classes=3, img_size=32, **kwargs)
-
-
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(lr=-1.0), r"lr=-1.0; allowed: > 0"), (dict(drop_path=1.5), r"drop_path=1.5; allowed: \[0, 1\)"),
-    (dict(label_smoothing=1.5), r"label_smoothing=1.5; allowed: \[0, 1\)"),
-    (dict(ema_decay=2.0), r"ema_decay=2.0; allowed: \(0, 1\)"), (dict(mixup_prob=1.2), r"mixup_prob=1.2"),
-    (dict(betas=(0.9, 1.0)), r"betas=\(0.9, 1.0\); allowed: two values in \[0, 1\)"),
-    (dict(warmup_steps=-3), r"warmup_steps=-3; allowed: >= 0"), (dict(weight_decay=-0.1), r"weight_decay=-0.1"),
-    (dict(lr=1e-4, min_lr=1e-3), r"min_lr=0.001 is above lr=0.0001; allowed: min_lr <= lr"),
-    # from a YAML `.inf`: eps=inf zeroed the Adam step (exit 0), warmup_epochs=inf ended in a traceback
-    (dict(eps=float("inf")), r"eps=inf; allowed: a finite number, > 0"),
-    (dict(warmup_epochs=float("inf")), r"warmup_epochs=inf; allowed: a finite number, >= 0"),
-    (dict(lr=float("inf")), r"lr=inf; allowed: a finite number"), (dict(mixup=float("inf")), r"mixup=inf"),
-])
-def test_recipe_settings_out_of_range_are_rejected_before_training(kwargs, match):
-    """Each used to fail mid-run (AdamW, the loss, drop path) with a traceback, or (EMA) train silently."""
-    with pytest.raises(ValueError, match=match):
-        ClassificationModule(**kwargs)
+def test_recipe_settings_out_of_range_are_rejected_before_anything_is_built(flag, value, capsys):
+    """Each used to fail mid-run (AdamW, the loss, drop path) with a traceback, or (EMA, eps=inf) train silently:
+    now the parser refuses it, naming the key."""
+    from biformer_lit.cli import main
+    assert main(["fit", f"--model.{flag}", value, "--print_config"]) == 2
+    assert f"model.{flag}" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"min_lr=0.001 is above lr=0.0001; allowed: min_lr <= lr"):
+        ClassificationModule(lr=1e-4, min_lr=1e-3)  # two settings: the constructor's
 
 
 def test_resuming_with_more_epochs_uses_the_new_schedule_from_the_first_step(tmp_path):
@@ -279,7 +272,7 @@ def test_init_from_each_layout(tmp_path, layout):
 def test_init_from_head_mismatch_names_both_counts(tmp_path):
     path = tmp_path / "ten.pt"
     torch.save({"model": tiny(10).model.state_dict()}, path)
-    with pytest.raises(CheckpointError, match=r"10 classes but the model has 4"):
+    with pytest.raises(UserError, match=r"10 classes but the model has 4"):
         load_init_weights(tiny(4).model, str(path))
     m = tiny(4)
     before = m.model.head.weight.clone()
@@ -291,15 +284,15 @@ def test_init_from_head_mismatch_names_both_counts(tmp_path):
 def test_init_from_rejects_other_models_missing_files_and_pickles(tmp_path):
     other = tmp_path / "other.pt"
     torch.save(ClassificationModule(model="biformer_cpu_small", num_classes=4, img_size=32).model.state_dict(), other)
-    with pytest.raises(CheckpointError, match="does not fit model"):
+    with pytest.raises(UserError, match="does not fit model"):
         load_init_weights(tiny().model, str(other))
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
+    with pytest.raises(UserError, match="nope.pt"):
         load_init_weights(tiny().model, str(tmp_path / "nope.pt"))
-    with pytest.raises(CheckpointError, match=f"{tmp_path} is a folder; allowed: a checkpoint file"):  # "not found"
+    with pytest.raises(UserError, match=f"{tmp_path} is a folder; allowed: a checkpoint file"):  # "not found"
         load_init_weights(tiny().model, str(tmp_path))
     pickled = tmp_path / "pickled.pt"
     torch.save({"model": tiny().model.state_dict(), "args": Opaque()}, pickled)
-    with pytest.raises(CheckpointError, match=r"pickled.pt: holds more than tensors and plain values \(pickled "
+    with pytest.raises(UserError, match=r"pickled.pt: holds more than tensors and plain values \(pickled "
                                               r"test_module.Opaque\); refused by the safe loader"):
         load_init_weights(tiny().model, str(pickled))
 
@@ -378,3 +371,19 @@ def test_best_top5_is_that_of_the_best_top1_validation():
         stats.on_validation_end(SimpleNamespace(sanity_checking=False, callback_metrics={
             "val/top1": torch.tensor(top1), "val/top5": torch.tensor(top5)}), None)
     assert stats.best == {"val/top1": 50.0, "val/top5": 70.0}
+
+
+def test_progress_lines_name_the_epoch_loss_top1_and_both_etas(monkeypatch):
+    import json
+    from biformer_lit.callbacks.progress import PROGRESS_ENV, EpochProgress
+    monkeypatch.setenv(PROGRESS_ENV, json.dumps(dict(label="k1/seed_0", runs_after=4, parallel=2, started=1000.0)))
+    p = EpochProgress()
+    p._start, p._first_epoch = 1100.0, 0
+    # 3 of 12 epochs in 60 s: 180 s left for the arm; 4 more runs of 240 s, 2 at a time: 480 s + 180 s
+    assert p.line(3, 12, 1.23456, 45.611, now=1160.0) == (
+        "[k1/seed_0] epoch 3/12  train loss 1.2346  val top-1 45.61%  elapsed 1m00s  ETA arm 3m00s, "
+        "ablation 11m00s (elapsed 2m40s)")
+    monkeypatch.delenv(PROGRESS_ENV)
+    plain = EpochProgress()
+    plain._start, plain._first_epoch = 0.0, 2  # resumed at epoch 2: the rate counts this process's epochs only
+    assert plain.line(4, 4, None, None, now=30.0) == "epoch 4/4  elapsed 30s  ETA arm 0s"

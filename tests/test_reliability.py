@@ -93,11 +93,12 @@ def test_sigterm_saves_a_checkpoint_and_the_run_continues(uninterrupted, tmp_pat
 
 
 def test_non_finite_loss_stops_with_step_and_batch():
-    from biformer_lit.module import ClassificationModule, NonFiniteLossError
+    from biformer_lit.errors import UserError
+from biformer_lit.module import ClassificationModule
     m = ClassificationModule(model="biformer_cpu_tiny", num_classes=4, img_size=64, mixup=0, cutmix=0)
     x = torch.randn(2, 3, 64, 64)
     x[0, 0, 0, 0] = float("nan")
-    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(nan\) at global step 0, epoch 0, batch 3"):
+    with pytest.raises(UserError, match=r"non-finite training loss \(nan\) at global step 0, epoch 0, batch 3"):
         m.training_step((x, torch.tensor([0, 1])), 3)
 
 
@@ -110,7 +111,8 @@ def test_a_nan_on_one_ddp_process_stops_every_process_cleanly(tmp_path):
 import sys, lightning as L
 sys.path.insert(0, {str(REPO)!r})
 from biformer_lit.data import ImageDataModule
-from biformer_lit.module import ClassificationModule, NonFiniteLossError
+from biformer_lit.errors import UserError
+from biformer_lit.module import ClassificationModule
 
 class NanOnRank1(ClassificationModule):
     def training_step(self, batch, i):
@@ -123,7 +125,7 @@ trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", 
                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
 try:
     trainer.fit(m, ImageDataModule(batch_size=4, train_size=32, val_size=8))
-except NonFiniteLossError as e:
+except UserError as e:
     print(f"rank {{trainer.global_rank}} stopped: {{e}}", flush=True)
     sys.exit(2)
 """)

@@ -12,6 +12,8 @@ from PIL import Image
 
 import biformer_lit.models  # noqa: F401  (registers the models with timm)
 from biformer_lit import visualize as V
+from biformer_lit.cli import main
+from biformer_lit.commands.visualize import load_image
 from biformer_lit.attention import create_attention
 from biformer_lit.callbacks import RoutingVisualizer
 
@@ -117,7 +119,7 @@ def test_main_writes_readable_pngs(tmp_path, capsys, wrap):
     torch.save({"model": sd} if wrap else sd, weights)
     write_image(tmp_path / "cat.png")
     extra = ["--heat"] if wrap else ["--stage", "2"]  # keep it short: one full run, one single stage
-    rc = V.main(["--model", "biformer_cpu_tiny", "--weights", str(weights), "--image", str(tmp_path / "cat.png"),
+    rc = main(["visualize", "--model", "biformer_cpu_tiny", "--weights", str(weights), "--image", str(tmp_path / "cat.png"),
                  "--out", str(tmp_path / "out"), *extra])
     assert rc == 0
     names = {"cat_stage0_block0_bra.png", "cat_stage1_block0_bra.png", "cat_stage2_block1_bra.png",
@@ -131,10 +133,10 @@ def test_main_writes_readable_pngs(tmp_path, capsys, wrap):
 
 
 def test_main_missing_files_is_a_clean_error(tmp_path, capsys):
-    rc = V.main(["--model", "biformer_cpu_tiny", "--image", str(tmp_path / "nope.png"), "--out", str(tmp_path)])
+    rc = main(["visualize", "--model", "biformer_cpu_tiny", "--image", str(tmp_path / "nope.png"), "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error:") and "nope.png" in err and "Traceback" not in err
-    assert V.main(["--image", "x.png", "--out", str(tmp_path)]) == 2  # neither --ckpt_path nor --model
+    assert main(["visualize", "--image", "x.png", "--out", str(tmp_path)]) == 2  # neither --ckpt_path nor --model
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -159,7 +161,7 @@ def test_main_bad_values_are_clean_errors(tmp_path, capsys, extra, message):
     args = ["--model", "biformer_cpu_tiny", "--out", str(tmp_path / "o")]
     if "--image" not in extra:
         args += ["--image", str(tmp_path / "cat.png")]
-    rc = V.main(args + extra)
+    rc = main(["visualize", *args, *extra])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
 
@@ -168,10 +170,10 @@ def test_main_unwritable_output_is_a_clean_error(monkeypatch, capsys):
     def denied(args):
         raise PermissionError(13, "Permission denied", "out/a_stage0_block0_bra.png")
 
-    monkeypatch.setattr(V, "run", denied)
-    assert V.main(["--model", "biformer_cpu_tiny", "--image", "a.png", "--out", "out"]) == 2
-    assert capsys.readouterr().err == ("error: cannot access out/a_stage0_block0_bra.png: Permission denied "
-                                       "(write the pictures elsewhere with --out DIR)\n")
+    from biformer_lit.commands import visualize as command
+    monkeypatch.setattr(command, "run", denied)
+    assert main(["visualize", "--model", "biformer_cpu_tiny", "--image", "a.png", "--out", "out"]) == 2
+    assert capsys.readouterr().err == "error: cannot access out/a_stage0_block0_bra.png: Permission denied\n"
 
 
 @pytest.mark.parametrize("source", ["--ckpt_path", "--weights"])
@@ -180,7 +182,7 @@ def test_main_unreadable_checkpoint_is_a_clean_error(tmp_path, capsys, source):
     bad.write_bytes(bytes(range(256)) * 8)
     write_image(tmp_path / "cat.png")
     model = ["--model", "biformer_cpu_tiny"] if source == "--weights" else []
-    rc = V.main([*model, source, str(bad), "--image", str(tmp_path / "cat.png"), "--out", str(tmp_path / "o")])
+    rc = main(["visualize", *model, source, str(bad), "--image", str(tmp_path / "cat.png"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and err == f"error: {bad}: not a readable PyTorch checkpoint (corrupt, truncated, or another " \
                               f"kind of file)\n"
@@ -193,7 +195,7 @@ def test_main_from_lightning_checkpoint(tmp_path):
     torch.save({"state_dict": lm.state_dict(), "hyper_parameters": dict(lm.hparams),
                 "pytorch-lightning_version": L.__version__}, ckpt)
     write_image(tmp_path / "dog.jpg")
-    rc = V.main(["--ckpt_path", str(ckpt), "--image", str(tmp_path / "dog.jpg"), "--out", str(tmp_path / "o"),
+    rc = main(["visualize", "--ckpt_path", str(ckpt), "--image", str(tmp_path / "dog.jpg"), "--out", str(tmp_path / "o"),
                  "--stage", "1"])
     assert rc == 0 and [p.name for p in (tmp_path / "o").iterdir()] == ["dog_stage1_block0_bra.png"]
 
@@ -215,10 +217,10 @@ def test_main_feeds_a_checkpoint_its_own_data_normalisation(tmp_path, monkeypatc
     seen = []
     record = V.record_layers
     monkeypatch.setattr(V, "record_layers", lambda net, images, *a, **k: seen.append(images) or record(net, images, *a, **k))
-    assert V.main(["--ckpt_path", str(ckpt), "--image", str(tmp_path / "scene.png"), "--out", str(tmp_path / "o"),
+    assert main(["visualize", "--ckpt_path", str(ckpt), "--image", str(tmp_path / "scene.png"), "--out", str(tmp_path / "o"),
                    "--stage", "1"]) == 0
     mean, std = dm.normalisation
-    torch.testing.assert_close(seen[0], (V.load_image(tmp_path / "scene.png", 64)[None] - mean[0]) / std[0])
+    torch.testing.assert_close(seen[0], (load_image(tmp_path / "scene.png", 64)[None] - mean[0]) / std[0])
 
 
 # --------------------------------------------------------------------------- callback
@@ -333,7 +335,7 @@ def _bomb_png(path):
 @pytest.mark.parametrize("case,message", [
     ("bomb", "cannot read image {tmp}/big.png: Image size (225000000 pixels) exceeds limit"),
     ("other_module", "{tmp}/m.ckpt is a Lightning checkpoint of another module (no ClassificationModule settings)"),
-    ("unknown_model", "{tmp}/m.ckpt: unknown model 'no_such_model'"),
+    ("unknown_model", "unknown model 'no_such_model'"),
 ])
 def test_main_foreign_inputs_are_clean_errors(tmp_path, capsys, case, message):
     """Each was a traceback: PIL's DecompressionBombError, and (another LightningModule's checkpoint, or one
@@ -346,7 +348,7 @@ def test_main_foreign_inputs_are_clean_errors(tmp_path, capsys, case, message):
                 "pytorch-lightning_version": L.__version__}, ckpt)
     source = ["--model", "biformer_cpu_tiny"] if case == "bomb" else ["--ckpt_path", str(ckpt)]
     image = tmp_path / ("big.png" if case == "bomb" else "cat.png")
-    rc = V.main([*source, "--image", str(image), "--out", str(tmp_path / "o")])
+    rc = main(["visualize", *source, "--image", str(image), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: " + message.format(tmp=tmp_path)) and len(err.splitlines()) == 1, err
 
@@ -355,6 +357,6 @@ def test_main_empty_out_is_refused(tmp_path, capsys, monkeypatch):
     """--out "" is Path(""), the working folder: the pictures were written there, exit 0."""
     monkeypatch.chdir(tmp_path)
     write_image(tmp_path / "cat.png")
-    assert V.main(["--model", "biformer_cpu_tiny", "--image", "cat.png", "--out", ""]) == 2
+    assert main(["visualize", "--model", "biformer_cpu_tiny", "--image", "cat.png", "--out", ""]) == 2
     assert "argument --out: empty; allowed: a folder path" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["cat.png"]

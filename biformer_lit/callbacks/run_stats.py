@@ -1,10 +1,9 @@
-"""Per-run measurements for comparing runs: parameters, GMACs at the training resolution (attention
-and routing included, see biformer_lit.flops), training images/s, peak memory, best validation top-1 /
-top-5. Logged once at the end of fit under tags the report reads, and to TensorBoard's HPARAMS tab
-with the run's knobs as separate columns (per-stage lists become one column per stage).
+"""Per-run measurements for comparing runs: parameters, GMACs at the training resolution (attention and routing
+included, see biformer_lit.flops), training speed and memory (a timed pass of training steps, see
+biformer_lit.speed), the class count, and the best validation top-1 with that validation's top-5. Logged once at
+the end of fit under tags the report reads, and to TensorBoard's HPARAMS tab with the run's knobs as separate
+columns (per-stage lists become one column per stage).
 """
-import resource
-import time
 from typing import Optional
 
 import lightning as L
@@ -12,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from ..flops import count_gmacs
+from ..speed import training_speed
 
 
 def flatten_knobs(d: dict, prefix: str = "") -> dict:
@@ -28,42 +28,33 @@ def flatten_knobs(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KiB on Linux)
-
-
 class RunStats(L.Callback):
     """Args: knobs: what distinguishes this run (e.g. an ablation arm's overrides) for the HPARAMS tab;
-    skip_batches: first training batches left out of the throughput (warm-up)."""
+    speed_steps: timed training steps of the speed measurement (after 2 of warm-up; 0: not measured)."""
 
-    def __init__(self, knobs: Optional[dict] = None, skip_batches: int = 1):
+    def __init__(self, knobs: Optional[dict] = None, speed_steps: int = 5):
         self.knobs = dict(knobs or {})
-        self.skip_batches = skip_batches
+        self.speed_steps = speed_steps
         self.best = {}
-        self._images = 0
-        self._seconds = 0.0
-        self._seen = 0
-        self._t0 = None
-        self.gmacs = None
+        self.measured = {}
 
     def on_fit_start(self, trainer, pl_module):
-        img = getattr(pl_module.hparams, "img_size", None) or getattr(trainer.datamodule, "img_size", 224)
-        self.gmacs = count_gmacs(pl_module.model, img) if trainer.is_global_zero else None
-        if pl_module.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        self._seen += 1
-        if self._seen > self.skip_batches and self._t0 is not None:
-            self._seconds += time.perf_counter() - self._t0
-            self._images += len(batch[0]) * trainer.world_size
+        if not trainer.is_global_zero:
+            return
+        dm = trainer.datamodule
+        img = getattr(pl_module.hparams, "img_size", None) or getattr(dm, "img_size", 224)
+        classes = getattr(pl_module.hparams, "num_classes", None)
+        self.measured = {"model/params_m": sum(p.numel() for p in pl_module.model.parameters()) / 1e6,
+                         "model/gmacs": count_gmacs(pl_module.model, img)}
+        if classes:
+            self.measured["data/num_classes"] = classes
+        batch = getattr(dm, "batch_size", None)
+        if self.speed_steps and batch and classes:
+            speed = training_speed(pl_module.model, batch, img, classes, steps=self.speed_steps,
+                                   autocast=trainer.precision_plugin.forward_context)
+            self.measured.update({"perf/train_images_per_sec": speed["images_per_sec"],
+                                  "perf/peak_train_memory_mb": speed["peak_memory_mb"],
+                                  "perf/cuda": float(speed["cuda"])})
 
     def on_validation_end(self, trainer, pl_module):
         # not on_validation_epoch_end: callbacks run that hook before the epoch's metrics are
@@ -76,12 +67,7 @@ class RunStats(L.Callback):
             self.best = {tag: float(metrics[tag]) for tag in ("val/top1", "val/top5") if tag in metrics}
 
     def summary(self, pl_module) -> dict:
-        out = {"model/params_m": sum(p.numel() for p in pl_module.model.parameters()) / 1e6,
-               "perf/peak_memory_mb": peak_memory_mb(pl_module.device)}
-        if self.gmacs is not None:
-            out["model/gflops"] = self.gmacs
-        if self._seconds > 0:
-            out["perf/train_images_per_sec"] = self._images / self._seconds
+        out = dict(self.measured)
         for tag, v in self.best.items():
             out["best/" + tag.replace("/", "_")] = v
         return out
@@ -96,11 +82,10 @@ class RunStats(L.Callback):
             logger.save()
 
     def state_dict(self):
-        return dict(best=self.best, images=self._images, seconds=self._seconds)
+        return dict(best=self.best)
 
     def load_state_dict(self, state):
         self.best = dict(state.get("best", {}))
-        self._images, self._seconds = state.get("images", 0), state.get("seconds", 0.0)
 
 
 def _takes_metrics(logger) -> bool:

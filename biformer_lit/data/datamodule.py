@@ -3,20 +3,23 @@
 Mixup/CutMix are applied by the LightningModule on batches, not here.
 """
 import os
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import lightning as L
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 
-from ..reliability import check_seed
-from . import DataError
+from ..errors import UserError
+from ..settings import Seed, Unit, plain
 from .datasets import CIFAR, CIFAR_STATS, ImageFolderDataset, cifar, class_folders
 from .sampler import EpochSeededDataset, EpochShuffleSampler, EvalShardSampler
 from .synthetic import DEFAULT_NUM_CLASSES, SyntheticRelations, check_settings
 
-DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+DatasetName = Literal["synthetic", "cifar10", "cifar100", "imagefolder"]
+DATASETS = get_args(DatasetName)
+IMAGENET_STATS = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
 
 
 def normalisation_of(hparams: dict):
@@ -39,7 +42,7 @@ def check_rand_augment(text: str) -> None:
     try:
         create_transform(32, is_training=True, auto_augment=text)
     except (AssertionError, ValueError, KeyError, IndexError, TypeError) as e:
-        raise DataError(f"rand_augment={text!r} is not a timm augmentation string ({str(e) or type(e).__name__}); "
+        raise UserError(f"rand_augment={text!r} is not a timm augmentation string ({str(e) or type(e).__name__}); "
                         f"allowed: e.g. rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2 (AugMix), original or v0 "
                         f"(AutoAugment), or unset") from None
 
@@ -53,31 +56,24 @@ class ImageDataModule(L.LightningDataModule):
     `random_erasing` apply to real data only.
     """
 
-    def __init__(self, dataset: str = "synthetic", root: Optional[str] = None, img_size: int = 64,
-                 batch_size: int = 64, num_workers: int = 0, num_classes: Optional[int] = None,
-                 train_size: int = 4096, val_size: int = 1024, difficulty: float = 0.5, seed: int = 0,
-                 download: bool = False, rand_augment: Optional[str] = None, random_erasing: float = 0.0,
+    def __init__(self, dataset: DatasetName = "synthetic", root: Optional[str] = None, img_size: PositiveInt = 64,
+                 batch_size: PositiveInt = 64, num_workers: NonNegativeInt = 0, num_classes: Optional[int] = None,
+                 train_size: int = 4096, val_size: int = 1024, difficulty: float = 0.5, seed: Seed = 0,
+                 download: bool = False, rand_augment: Optional[str] = None, random_erasing: Unit = 0.0,
                  skip_corrupt: bool = False, pin_memory: bool = False):
+        hparams = plain({k: v for k, v in locals().items() if k not in ("self", "__class__")})
         super().__init__()
-        if dataset not in DATASETS:
-            raise DataError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
-        for name, v, lo in (("img_size", img_size, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
-            if not isinstance(v, int) or v < lo:
-                raise DataError(f"{name}={v!r} must be an integer >= {lo}")
-        check_seed("seed", seed, DataError)
-        if not 0.0 <= random_erasing <= 1.0:
-            raise DataError(f"random_erasing={random_erasing!r} is a probability: use a value in [0, 1]")
         if dataset == "synthetic":
             if rand_augment or random_erasing:
-                raise DataError(f"rand_augment={rand_augment!r} / random_erasing={random_erasing!r} apply to "
+                raise UserError(f"rand_augment={rand_augment!r} / random_erasing={random_erasing!r} apply to "
                                 "real data only (they would change the synthetic labels): leave them unset")
             check_settings(DEFAULT_NUM_CLASSES if num_classes is None else num_classes, difficulty,
                            train_size, val_size)
         elif root is None or not str(root).strip():  # "": the working folder, named nowhere in the errors
-            raise DataError(f"dataset {dataset!r} needs --data.root (the folder holding its files), got {root!r}")
+            raise UserError(f"dataset {dataset!r} needs --data.root (the folder holding its files), got {root!r}")
         if rand_augment and dataset != "synthetic":
             check_rand_augment(rand_augment)
-        self.save_hyperparameters()
+        self.save_hyperparameters(hparams)
         self.dataset, self.root, self.img_size, self.batch_size = dataset, root, img_size, batch_size
         self.num_workers, self.seed, self.pin_memory = num_workers, seed, pin_memory
         self._num_classes_arg = num_classes
@@ -99,7 +95,7 @@ class ImageDataModule(L.LightningDataModule):
                 n = len(class_folders(self.root, "train"))
             given = self._num_classes_arg
             if given is not None and given != n:
-                raise DataError(f"num_classes={given} disagrees with {self.dataset} under {self.root}, "
+                raise UserError(f"num_classes={given} disagrees with {self.dataset} under {self.root}, "
                                 f"which has {n} classes: leave num_classes unset")
             self._num_classes = n
         return self._num_classes
@@ -165,7 +161,7 @@ class ImageDataModule(L.LightningDataModule):
         world = self.trainer.world_size if distributed else 1
         if train and len(ds) // world < self.batch_size:  # drop_last: not one batch would be left
             per = f" per process ({len(ds)} over {world})" if world > 1 else ""
-            raise DataError(f"batch_size={self.batch_size} is larger than the {len(ds) // world} training "
+            raise UserError(f"batch_size={self.batch_size} is larger than the {len(ds) // world} training "
                             f"images{per}: no full batch; use batch_size <= {len(ds) // world}")
         rank = self.trainer.global_rank if distributed else 0
         if train:

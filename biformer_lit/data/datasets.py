@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
-from . import DataError
+from ..errors import UserError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -28,17 +28,17 @@ def cifar(name: str, root: str, train: bool, transform: Optional[Callable] = Non
 
     cls_name, folder, _ = CIFAR[name]
     label = name.upper().replace("CIFAR", "CIFAR-")
-    missing = DataError(f"{label} not found under {root}: put {folder}/ there "
+    missing = UserError(f"{label} not found under {root}: put {folder}/ there "
                         f"or pass --data.download=true")
     if not download and not os.path.isdir(os.path.join(root, folder)):
         raise missing
     try:
         return getattr(torchvision.datasets, cls_name)(root, train=train, transform=transform, download=download)
     except RuntimeError as err:  # torchvision's "Dataset not found or corrupted" (failed checksum)
-        raise DataError(f"{label} under {root} is incomplete or corrupted ({err}); remove {folder}/ "
+        raise UserError(f"{label} under {root} is incomplete or corrupted ({err}); remove {folder}/ "
                         f"and put a fresh copy there or pass --data.download=true") from err
     except OSError as err:  # urllib's URLError is an OSError: no network, proxy, disk full
-        raise DataError(f"downloading {label} to {root} failed ({err}); put {folder}/ there by hand") from err
+        raise UserError(f"downloading {label} to {root} failed ({err}); put {folder}/ there by hand") from err
 
 
 def class_folders(root: str, split: str) -> List[str]:
@@ -47,15 +47,15 @@ def class_folders(root: str, split: str) -> List[str]:
     path = os.path.join(root, split)
     if not os.path.isdir(root):
         problem = "is a file, not a folder" if os.path.exists(root) else "does not exist"
-        raise DataError(f"image folder root {root} {problem}: expected {root}/train/<class>/* "
+        raise UserError(f"image folder root {root} {problem}: expected {root}/train/<class>/* "
                         f"and {root}/val/<class>/*")
     if not os.path.isdir(path):
-        raise DataError(f"split folder {path} does not exist: expected {path}/<class>/*")
+        raise UserError(f"split folder {path} does not exist: expected {path}/<class>/*")
     classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise DataError(f"no class folders in {path}: expected {path}/<class>/*")
+        raise UserError(f"no class folders in {path}: expected {path}/<class>/*")
     if len(classes) == 1:
-        raise DataError(f"{path} has one class folder ({classes[0]!r}); classification needs at least 2")
+        raise UserError(f"{path} has one class folder ({classes[0]!r}); classification needs at least 2")
     return classes
 
 
@@ -91,7 +91,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 class ImageFolderDataset(Dataset):
     """root/split/<class>/**/<image>, classes sorted by name (the torchvision ImageFolder order).
 
-    Unreadable images raise DataError naming the file; with skip_corrupt=True they are replaced by
+    Unreadable images raise UserError naming the file; with skip_corrupt=True they are replaced by
     the next readable image with a warning, and counted in `skipped`. The count lives in a shared
     memory tensor with one slot per DataLoader worker, so increments made inside worker processes
     are visible to the main process (workers warn in their own stderr). It counts encounters: a bad
@@ -105,7 +105,7 @@ class ImageFolderDataset(Dataset):
         found = class_folders(root, split)
         if classes is not None and found != list(classes):
             extra, lacking = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
-            raise DataError(f"class folders of {os.path.join(root, split)} differ from train: "
+            raise UserError(f"class folders of {os.path.join(root, split)} differ from train: "
                             f"extra {extra[:5]}, missing {lacking[:5]}")
         self.root, self.split, self.classes = root, split, found
         self.transform, self.skip_corrupt = transform, skip_corrupt
@@ -114,7 +114,7 @@ class ImageFolderDataset(Dataset):
             folder = os.path.join(root, split, name)
             files = sorted(image_files(folder))
             if not files:
-                raise DataError(f"class folder {folder} has no images ({', '.join(IMG_EXTENSIONS)})")
+                raise UserError(f"class folder {folder} has no images ({', '.join(IMG_EXTENSIONS)})")
             self.samples += [(f, label) for f in files]
         self._skipped = torch.zeros(self._SLOTS, dtype=torch.int64).share_memory_()
 
@@ -140,11 +140,11 @@ class ImageFolderDataset(Dataset):
                 img = self._load(path)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
                 if not self.skip_corrupt:
-                    raise DataError(f"cannot read image {path}: {err} "
+                    raise UserError(f"cannot read image {path}: {err} "
                                     f"(pass --data.skip_corrupt=true to skip such files)") from err
                 info = get_worker_info()
                 self._skipped[0 if info is None else 1 + info.id % (self._SLOTS - 1)] += 1
                 warnings.warn(f"skipping unreadable image {path}: {err}")
                 continue
             return (self.transform(img) if self.transform else img), label
-        raise DataError(f"no readable image in {os.path.join(self.root, self.split)}")
+        raise UserError(f"no readable image in {os.path.join(self.root, self.split)}")

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch.utils.data import Dataset
 
-from . import DataError
+from ..errors import UserError
 
 GRID = 4  # cells per side
 # Saturated RGB-cube corners in hue-wheel order; the 3-bit code (R, G, B > 0.5) gives the distance.
@@ -137,13 +137,13 @@ def _attribute(d: _Draws, levels: int, n: int, relation: Callable[[int, int], ob
 def check_settings(num_classes: int, difficulty: float, train_size: int, val_size: int) -> None:
     """The task's settings (the datamodule checks them at construction, before any dataset exists)."""
     if not isinstance(num_classes, int) or not MIN_CLASSES <= num_classes <= MAX_CLASSES:
-        raise DataError(f"synthetic num_classes={num_classes!r} is not supported: use an integer in "
+        raise UserError(f"synthetic num_classes={num_classes!r} is not supported: use an integer in "
                         f"{MIN_CLASSES}..{MAX_CLASSES} (colour distance x same size x same shape)")
     if not 0.0 <= float(difficulty) <= 1.0:
-        raise DataError(f"synthetic difficulty={difficulty!r} is outside [0, 1]")
+        raise UserError(f"synthetic difficulty={difficulty!r} is outside [0, 1]")
     for name, n in (("train_size", train_size), ("val_size", val_size)):
         if not isinstance(n, int) or n < 1:
-            raise DataError(f"synthetic {name}={n!r} must be a positive integer")
+            raise UserError(f"synthetic {name}={n!r} must be a positive integer")
 
 
 class SyntheticRelations(Dataset):
@@ -153,9 +153,9 @@ class SyntheticRelations(Dataset):
     def __init__(self, split: str = "train", img_size: int = 64, num_classes: int = DEFAULT_NUM_CLASSES,
                  difficulty: float = 0.5, train_size: int = 4096, val_size: int = 1024, seed: int = 0):
         if split not in SPLITS:
-            raise DataError(f"synthetic split={split!r} is not one of {sorted(SPLITS)}")
+            raise UserError(f"synthetic split={split!r} is not one of {sorted(SPLITS)}")
         if not isinstance(img_size, int) or img_size < MIN_IMG_SIZE:
-            raise DataError(f"synthetic img_size={img_size!r} is too small: use an integer >= {MIN_IMG_SIZE} "
+            raise UserError(f"synthetic img_size={img_size!r} is too small: use an integer >= {MIN_IMG_SIZE} "
                             "(smaller cells cannot draw distinguishable shapes)")
         check_settings(num_classes, difficulty, train_size, val_size)
         self.split, self.img_size, self.num_classes = split, img_size, num_classes
