@@ -4,11 +4,13 @@ A variant is a TokenMixer: the same qkv projection, output projection and option
 conv (LePE), so at equal width all variants have the same parameters and differ only in `mix`, the
 choice of keys each query sees. Inputs and outputs are channels-last (B, H, W, C).
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..errors import UserError
 
 SCALE_MODES = ("head", "dim")
 LEPE_SOURCES = ("v", "input")
@@ -35,28 +37,28 @@ class TokenMixer(nn.Module):
     """
 
     kind = "base"
+    stripe_width: Optional[int]  # typed for TorchScript (None would leave it untyped)
 
     def __init__(self, dim: int, num_heads: int, n_win: int = 7, topk: int = 4,
                  stripe_width: Optional[int] = None, qkv_bias: bool = True, lepe_kernel: int = 5,
                  lepe_source: str = "v", scale_mode: str = "head", backend: str = "auto"):
         super().__init__()
-        # plain ints only: a float n_win (2.0) would build, then fail in forward, and einops' cached
-        # reshape plans would carry the failure into later, correct models in the same process
+        # plain ints only: a float n_win (2.0) would build, then fail in forward
         for name, value, lo in (("dim", dim, 1), ("num_heads", num_heads, 1), ("n_win", n_win, 1),
                                 ("topk", topk, None), ("lepe_kernel", lepe_kernel, 0),  # bra checks topk's range
                                 ("stripe_width", 1 if stripe_width is None else stripe_width, 1)):
             if not is_int(value) or (lo is not None and value < lo):
-                raise ValueError(f"{name}={value!r}; allowed: an integer" + (f" >= {lo}" if lo is not None else ""))
+                raise UserError(f"{name}={value!r}; allowed: an integer" + (f" >= {lo}" if lo is not None else ""))
         if dim % num_heads:
-            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+            raise UserError(f"dim={dim} is not divisible by num_heads={num_heads}")
         if scale_mode not in SCALE_MODES:
-            raise ValueError(f"scale_mode={scale_mode!r}; allowed: {', '.join(SCALE_MODES)}")
+            raise UserError(f"scale_mode={scale_mode!r}; allowed: {', '.join(SCALE_MODES)}")
         if lepe_source not in LEPE_SOURCES:
-            raise ValueError(f"lepe_source={lepe_source!r}; allowed: {', '.join(LEPE_SOURCES)}")
+            raise UserError(f"lepe_source={lepe_source!r}; allowed: {', '.join(LEPE_SOURCES)}")
         if lepe_kernel < 0 or (lepe_kernel and lepe_kernel % 2 == 0):
-            raise ValueError(f"lepe_kernel={lepe_kernel}; allowed: 0 (off) or an odd size")
+            raise UserError(f"lepe_kernel={lepe_kernel}; allowed: 0 (off) or an odd size")
         if n_win < 1:
-            raise ValueError(f"n_win={n_win}; allowed: >= 1")
+            raise UserError(f"n_win={n_win}; allowed: >= 1")
         self.dim, self.num_heads, self.n_win, self.topk = dim, num_heads, n_win, topk
         self.stripe_width = stripe_width
         self.lepe_source = lepe_source
@@ -71,30 +73,27 @@ class TokenMixer(nn.Module):
         self.capture = False
         self.captured: Optional[dict] = None
 
-    def check_input(self, h: int, w: int) -> None:
-        """Variants override to reject feature maps they cannot handle (raise ValueError)."""
-
     def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) queries, keys, values -> (B, H, W, C) attention output."""
         raise NotImplementedError
 
-    def project(self, x: torch.Tensor):
+    def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v, each a contiguous (B, H, W, C). The qkv weight (one Linear, as in the released
         checkpoints) is sliced, not its output: slicing activations would zero-fill a gradient of the
         whole qkv output per slice in the backward."""
-        w, b = self.qkv.weight.chunk(3), (self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3)
-        return [F.linear(x, wi, bi) for wi, bi in zip(w, b)]
-
-    def local_context(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        wq, wk, wv = self.qkv.weight.chunk(3)
+        bias = self.qkv.bias
+        if bias is None:
+            return F.linear(x, wq), F.linear(x, wk), F.linear(x, wv)
+        bq, bk, bv = bias.chunk(3)
+        return F.linear(x, wq, bq), F.linear(x, wk, bk), F.linear(x, wv, bv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w, c = x.shape
-        self.check_input(h, w)
         q, k, v = self.project(x)
         out = self.mix(q, k, v)
         if self.lepe is not None:
-            out = out + self.local_context(v if self.lepe_source == "v" else x)
+            src = v if self.lepe_source == "v" else x
+            out = out + self.lepe(src.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.proj(out)
 
     def extra_repr(self) -> str:

@@ -1,4 +1,6 @@
 """Global attention: every token attends to every token."""
+import torch
+
 from .base import TokenMixer
 from .partition import merge_heads, sdpa, split_heads
 from .registry import register_attention
@@ -6,7 +8,8 @@ from .registry import register_attention
 
 @register_attention("full")
 class FullAttention(TokenMixer):
-    def mix(self, q, k, v):
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, h, w, c = q.shape
-        q, k, v = (split_heads(t.reshape(b, h * w, c), self.num_heads) for t in (q, k, v))
-        return merge_heads(sdpa(q, k, v, self.scale)).reshape(b, h, w, c)
+        out = sdpa(split_heads(q.reshape(b, h * w, c), self.num_heads), split_heads(k.reshape(b, h * w, c), self.num_heads),
+                   split_heads(v.reshape(b, h * w, c), self.num_heads), self.scale)
+        return merge_heads(out).reshape(b, h, w, c)

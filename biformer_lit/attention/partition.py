@@ -2,45 +2,88 @@
 
 Tensors are channels-last (B, H, W, C). A pattern pads H, W up to whole groups; padded tokens never
 serve as keys (they are masked), and their query outputs are cropped away.
+
+Everything here is TorchScript-typed. The helpers that branch on sizes or on a mask being None are
+FX leaves (`fx_leaf`): symbolic tracing records a call to them instead of tracing their Python control
+flow, so traced models still pad, mask and route per input.
 """
-import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
+import torch.fx
 import torch.nn.functional as F
-from einops import rearrange
+
+
+def fx_leaf(fn):
+    """Register `fn` as a leaf of timm's FX feature extraction. torch.fx.wrap (symbolic_trace, torchvision)
+    patches names in the globals of the module that calls it, so each module calling a leaf wraps that
+    name itself, at its top level."""
+    from timm.layers import _fx as timm_fx
+    timm_fx.register_notrace_function(fn)
+    return fn
 
 
 def grid_cells(size: int, n: int) -> Tuple[int, int]:
-    """Cell edge and padded size when `size` tokens are cut into `n` equal cells (last ones may be padding)."""
-    cell = math.ceil(size / n)
+    """Cell edge and padded size when `size` tokens are cut into `n` equal cells (last ones may be padding).
+    Integer arithmetic only: it also runs on FX proxies."""
+    cell = -(-size // n)
     return cell, cell * n
 
 
+@fx_leaf
 def pad_hw(x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
     """Zero-pad a (B, H, W, C) map on the bottom/right to (B, hp, wp, C)."""
-    h, w = x.shape[1:3]
-    if (h, w) == (hp, wp):
+    h, w = x.shape[1], x.shape[2]
+    if h == hp and w == wp:
         return x
     return F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
 
 
+@fx_leaf
 def crop_hw(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Undo pad_hw. A no-op slice is skipped: its backward would still zero-fill a full-size gradient."""
-    return x if x.shape[1:3] == (h, w) else x[:, :h, :w]
+    if x.shape[1] == h and x.shape[2] == w:
+        return x
+    return x[:, :h, :w]
 
 
-def pad_all(tensors, hp: int, wp: int):
-    return [pad_hw(t, hp, wp) for t in tensors]
-
-
-def valid_map(h: int, w: int, hp: int, wp: int, device) -> Optional[torch.Tensor]:
+@fx_leaf
+def valid_map(h: int, w: int, hp: int, wp: int, device: torch.device) -> Optional[torch.Tensor]:
     """(hp, wp) bool map of real (not padded) tokens, or None when nothing is padded."""
-    if (h, w) == (hp, wp):
+    if h == hp and w == wp:
         return None
     valid = torch.zeros(hp, wp, dtype=torch.bool, device=device)
     valid[:h, :w] = True
     return valid
+
+
+def partition(x: torch.Tensor, nh: int, nw: int, dilated: bool = False) -> torch.Tensor:
+    """(B, H, W, C), H and W whole multiples of nh, nw -> (B, nh * nw, T, C): nh x nw groups of T tokens.
+    Groups are blocks of neighbours (regions, windows) or, dilated, tokens nh / nw apart (a grid)."""
+    b, h, w, c = x.shape
+    if dilated:
+        x = x.reshape(b, h // nh, nh, w // nw, nw, c).permute(0, 2, 4, 1, 3, 5)
+    else:
+        x = x.reshape(b, nh, h // nh, nw, w // nw, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, nh * nw, (h // nh) * (w // nw), c)
+
+
+def unpartition(x: torch.Tensor, nh: int, nw: int, h: int, w: int, dilated: bool = False) -> torch.Tensor:
+    """Inverse of partition: (B, nh * nw, T, C) -> (B, h, w, C) (h, w: the padded size)."""
+    b, c = x.shape[0], x.shape[3]
+    if dilated:
+        x = x.reshape(b, nh, nw, h // nh, w // nw, c).permute(0, 3, 1, 4, 2, 5)
+    else:
+        x = x.reshape(b, nh, nw, h // nh, w // nw, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h, w, c)
+
+
+@fx_leaf
+def partition_valid(valid: Optional[torch.Tensor], nh: int, nw: int, dilated: bool = False) -> Optional[torch.Tensor]:
+    """The (H, W) real-token map laid out as partition lays out tokens: (nh * nw, T), or None."""
+    if valid is None:
+        return None
+    return partition(valid[None, :, :, None], nh, nw, dilated)[0, :, :, 0]
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -53,30 +96,37 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
-def sdpa(q, k, v, scale: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+         mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q, k, v: (G, heads, T, d) views; mask broadcastable to (G, heads, Tq, Tk), True = may attend."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def grouped_attention(q, k, v, num_heads: int, scale: float, pattern: str, sizes: dict,
-                      valid: Optional[torch.Tensor] = None, pair_mask: Optional[torch.Tensor] = None):
-    """Attention inside the groups of an einops `pattern` mapping (b, H, W, c) -> (b g) t c.
-
-    q, k, v: (b, H, W, C), already padded to whole groups. `valid` (H, W) marks real tokens
-    (padded keys are masked); `pair_mask` (g, t, t) adds a per-group query/key mask (shifted
-    windows). Returns (b, H, W, C).
-    """
-    b = q.shape[0]
-    qg, kg, vg = (rearrange(t, pattern, **sizes) for t in (q, k, v))
-    mask = None
-    if valid is not None:
-        key_ok = rearrange(valid[None, ..., None], pattern, **sizes)[..., 0]  # (g, t)
+@fx_leaf
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, scale: float,
+                      key_ok: Optional[torch.Tensor] = None,
+                      pair_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention inside groups. q, k, v: (B, G, T, C) as partition makes them. `key_ok` (G, T) marks real
+    tokens (padded keys are masked); `pair_mask` (G, T, T) adds a per-group query/key mask (shifted
+    windows). Returns (B, G, T, C)."""
+    b, g, t, c = q.shape
+    mask: Optional[torch.Tensor] = None
+    if key_ok is not None:
         mask = key_ok[:, None, None, :]
     if pair_mask is not None:
         pm = pair_mask[:, None]
         mask = pm if mask is None else (mask & pm)
-    if mask is not None and mask.shape[0] != qg.shape[0]:
-        mask = mask.repeat(b, 1, 1, 1)  # groups are batch-major: (b g)
-    out = sdpa(split_heads(qg, num_heads), split_heads(kg, num_heads), split_heads(vg, num_heads), scale, mask)
-    inverse = " -> ".join(reversed(pattern.split(" -> ")))
-    return rearrange(merge_heads(out), inverse, b=b, **sizes)
+    if mask is not None:  # groups are batch-major: (b g). No branch on b: an exported batch stays dynamic
+        mask = mask[None].expand(b, -1, -1, -1, -1).flatten(0, 1)
+    out = sdpa(split_heads(q.reshape(b * g, t, c), num_heads), split_heads(k.reshape(b * g, t, c), num_heads),
+               split_heads(v.reshape(b * g, t, c), num_heads), scale, mask)
+    return merge_heads(out).reshape(b, g, t, c)
+
+
+def pad_all(tensors: List[torch.Tensor], hp: int, wp: int) -> List[torch.Tensor]:
+    return [pad_hw(t, hp, wp) for t in tensors]
+
+
+FX_LEAVES = ("pad_hw", "crop_hw", "valid_map", "partition_valid", "grouped_attention")
+for _leaf in FX_LEAVES:
+    torch.fx.wrap(_leaf)

@@ -1,6 +1,8 @@
 """Attention variants by name: every variant registers itself here so configs can pick one with a string."""
 from typing import Callable, Dict
 
+from ..errors import UserError
+
 ATTENTIONS: Dict[str, type] = {}
 
 
@@ -21,7 +23,7 @@ def list_attentions() -> list:
 
 def check_attention_name(name: str) -> None:
     if name not in ATTENTIONS:
-        raise ValueError(f"unknown attention {name!r}; known: {', '.join(list_attentions())}")
+        raise UserError(f"unknown attention {name!r}; known: {', '.join(list_attentions())}")
 
 
 def create_attention(name: str, dim: int, num_heads: int, **kwargs):

@@ -1,13 +1,19 @@
 """Region-level routing of bi-level routing attention: which key regions each query region attends to.
 
+Routing is computed per input in every form of the model (eager, scripted, FX-traced: the two functions
+are FX leaves, called at run time; exported: top-k is an op of the graph).
 Routing is non-differentiable by design (topk picks indices; the region summaries are detached, as in
 the original), so gradients flow only through the token-level attention.
 """
 from typing import Optional, Tuple
 
 import torch
+import torch.fx
+
+from .partition import fx_leaf
 
 
+@fx_leaf
 def region_means(x: torch.Tensor, valid: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """x: (B, R, T, C) regions; valid: (R, T) real tokens or None. Mean over real tokens -> (B, R, C).
 
@@ -21,6 +27,7 @@ def region_means(x: torch.Tensor, valid: Optional[torch.Tensor]) -> Tuple[torch.
     return (s / count.clamp(min=1)[None, :, None]).to(x.dtype), count > 0
 
 
+@fx_leaf
 def route(q_regions: torch.Tensor, k_regions: torch.Tensor, topk: int,
           nonempty: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k key regions for every query region.
@@ -37,5 +44,9 @@ def route(q_regions: torch.Tensor, k_regions: torch.Tensor, topk: int,
 
 def routed_matrix(index: torch.Tensor, n_regions: int) -> torch.Tensor:
     """index: (B, R, topk) -> (B, R, n_regions) bool, True where a query region routes to a key region."""
-    b, r, _ = index.shape
+    b, r = index.shape[0], index.shape[1]
     return torch.zeros(b, r, n_regions, dtype=torch.bool, device=index.device).scatter_(2, index, True)
+
+
+for _leaf in ("region_means", "route"):
+    torch.fx.wrap(_leaf)
