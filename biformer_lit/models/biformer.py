@@ -11,6 +11,7 @@ from functools import partial
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn as nn
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -20,7 +21,9 @@ from timm.models._manipulate import checkpoint_seq
 from ..attention import create_attention
 from ..attention.base import is_int
 from ..attention.bra import BACKENDS as BRA_BACKENDS
+from ..attention.partition import fx_leaf
 from ..attention.registry import check_attention_name
+from ..errors import UserError
 from .convert import checkpoint_filter_fn, convert_on_load
 
 STEMS = ("overlap", "patch")
@@ -28,18 +31,18 @@ STEMS = ("overlap", "patch")
 
 def check_head(num_classes, global_pool: str) -> None:
     if not is_int(num_classes) or num_classes < 0:
-        raise ValueError(f"num_classes={num_classes!r}; allowed: an integer >= 0 (0 = no classifier)")
+        raise UserError(f"num_classes={num_classes!r}; allowed: an integer >= 0 (0 = no classifier)")
     if global_pool not in ("avg", ""):
-        raise ValueError(f"global_pool={global_pool!r}; allowed: 'avg' or '' (no pooling)")
+        raise UserError(f"global_pool={global_pool!r}; allowed: 'avg' or '' (no pooling)")
     if global_pool == "" and num_classes > 0:  # a Linear cannot classify an unpooled map
-        raise ValueError(f"global_pool='' (unpooled features) needs num_classes=0, got num_classes={num_classes}")
+        raise UserError(f"global_pool='' (unpooled features) needs num_classes=0, got num_classes={num_classes}")
 
 
 def per_stage(value, name: str, n: int = 4) -> list:
     """Broadcast a scalar knob to every stage; check a list has one entry per stage."""
     if isinstance(value, (list, tuple)):
         if len(value) != n:
-            raise ValueError(f"{name} has {len(value)} entries {list(value)}; expected {n} (one per stage)")
+            raise UserError(f"{name} has {len(value)} entries {list(value)}; expected {n} (one per stage)")
         return list(value)
     return [value] * n
 
@@ -68,7 +71,18 @@ def min_img_size(stem: str) -> int:
     return next(n for n in range(1, 1024) if min(min(hw) for hw in stage_sizes((n, n), stem)) >= 1)
 
 
-PATCH_MIN_SIZE = min_img_size("patch")
+@fx_leaf
+def check_min_side(x: torch.Tensor, min_size: int) -> torch.Tensor:
+    """x itself, if both its sides have at least min_size px. An FX leaf, and it returns x so that a
+    traced graph keeps it (a check whose result is unused would be dead code)."""
+    if x.shape[-2] < min_size or x.shape[-1] < min_size:
+        # unpadded 4x4/4 then 2x2/2 convs: else a conv error deep inside
+        raise UserError(f"input of {x.shape[-2]}x{x.shape[-1]} px; the patch stem needs at least "
+                        f"{min_size} px per side (four stages)")
+    return x
+
+
+torch.fx.wrap("check_min_side")
 
 
 def block_kind(stage_kind: str, j: int) -> str:
@@ -108,33 +122,36 @@ class Downsample(nn.Module):
             self.norm = nn.BatchNorm2d(cin)
             self.conv = nn.Conv2d(cin, cout, 2, stride=2)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.conv(x)) if self.kind == "overlap" else self.conv(self.norm(x))
 
 
-class Stem(nn.Module):
-    """overlap: conv3x3/2 -> BN -> GELU -> conv3x3/2 -> BN (BiFormer-T/S/B); patch: conv4x4/4 -> BN (STL)."""
+class OverlapStem(nn.Module):
+    """conv3x3/2 -> BN -> GELU -> conv3x3/2 -> BN (BiFormer-T/S/B)."""
 
-    def __init__(self, in_chans: int, dim: int, kind: str):
+    def __init__(self, in_chans: int, dim: int):
         super().__init__()
-        if kind == "overlap":
-            self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1)
-            self.norm1 = nn.BatchNorm2d(dim // 2)
-            self.act = nn.GELU()
-            self.conv2 = nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1)
-            self.norm2 = nn.BatchNorm2d(dim)
-        else:
-            self.conv = nn.Conv2d(in_chans, dim, 4, stride=4)
-            self.norm = nn.BatchNorm2d(dim)
-        self.kind = kind
+        self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1)
+        self.norm1 = nn.BatchNorm2d(dim // 2)
+        self.act = nn.GELU()
+        self.conv2 = nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1)
+        self.norm2 = nn.BatchNorm2d(dim)
 
-    def forward(self, x):
-        if self.kind == "overlap":
-            return self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
-        if min(x.shape[-2:]) < PATCH_MIN_SIZE:  # unpadded 4x4/4 then 2x2/2 convs: else a conv error deep inside
-            raise ValueError(f"input of {x.shape[-2]}x{x.shape[-1]} px; the patch stem needs at least "
-                             f"{PATCH_MIN_SIZE} px per side (four stages)")
-        return self.norm(self.conv(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
+
+
+class PatchStem(nn.Module):
+    """conv4x4/4 -> BN (STL)."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, dim, 4, stride=4)
+        self.norm = nn.BatchNorm2d(dim)
+        self.min_size = min_img_size("patch")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(check_min_side(x, self.min_size)))
 
 
 class Stage(nn.Module):
@@ -146,7 +163,7 @@ class Stage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.grad_checkpointing = False
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x).permute(0, 2, 3, 1)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
@@ -181,18 +198,18 @@ class BiFormer(nn.Module):
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, global_pool: str = "avg"):
         super().__init__()
         if stem not in STEMS:
-            raise ValueError(f"stem={stem!r}; allowed: {', '.join(STEMS)}")
+            raise UserError(f"stem={stem!r}; allowed: {', '.join(STEMS)}")
         check_head(num_classes, global_pool)
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if len(self.img_size) != 2 or not all(is_int(v) and v >= 1 for v in self.img_size) \
                 or min(self.img_size) < min_img_size(stem):  # each side's stages depend on that side alone
-            raise ValueError(f"img_size={img_size!r}; allowed: a size, or (height, width), of at least "
+            raise UserError(f"img_size={img_size!r}; allowed: a size, or (height, width), of at least "
                              f"{min_img_size(stem)} px "
                              f"(four stages after the {stem} stem)")
         if attn_backend not in BRA_BACKENDS:
-            raise ValueError(f"attn_backend={attn_backend!r}; allowed: {', '.join(BRA_BACKENDS)}")
+            raise UserError(f"attn_backend={attn_backend!r}; allowed: {', '.join(BRA_BACKENDS)}")
         if not isinstance(pos_embed, bool):
-            raise ValueError(f"pos_embed={pos_embed!r}; allowed: true or false")
+            raise UserError(f"pos_embed={pos_embed!r}; allowed: true or false")
         depths, dims = per_stage(depths, "depths"), per_stage(embed_dims, "embed_dims")
         attn, topks, n_wins = per_stage(attn, "attn"), per_stage(topks, "topks"), per_stage(n_wins, "n_wins")
         num_heads, mlp_ratios = per_stage(num_heads, "num_heads"), per_stage(mlp_ratios, "mlp_ratios")
@@ -201,44 +218,48 @@ class BiFormer(nn.Module):
         stripe_widths = per_stage(stripe_widths, "stripe_widths")
         for name, values, lo in (("depths", depths, 0), ("embed_dims", dims, 1)):
             if not all(is_int(v) and v >= lo for v in values):
-                raise ValueError(f"{name}={values}; allowed: integers >= {lo}")
+                raise UserError(f"{name}={values}; allowed: integers >= {lo}")
         if not all(v is None or (is_int(v) and v >= 1) for v in num_heads):
-            raise ValueError(f"num_heads={num_heads}; allowed: integers >= 1, or null (width / head_dim)")
+            raise UserError(f"num_heads={num_heads}; allowed: integers >= 1, or null (width / head_dim)")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in mlp_ratios):
-            raise ValueError(f"mlp_ratios={mlp_ratios}; allowed: numbers > 0")
+            raise UserError(f"mlp_ratios={mlp_ratios}; allowed: numbers > 0")
         if not all(isinstance(v, bool) for v in qkv_bias):
-            raise ValueError(f"qkv_bias={qkv_bias}; allowed: true or false (per stage)")
+            raise UserError(f"qkv_bias={qkv_bias}; allowed: true or false (per stage)")
         if not 0.0 <= drop_path_rate < 1.0 or not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_path_rate={drop_path_rate}, drop_rate={drop_rate}; allowed: [0, 1)")
+            raise UserError(f"drop_path_rate={drop_path_rate}, drop_rate={drop_rate}; allowed: [0, 1)")
         for name in attn:
             check_attention_name(name)
         sizes = stage_sizes(self.img_size, stem)
         for i, (h, w) in enumerate(sizes):
             if attn[i] != "full" and n_wins[i] > min(h, w):
-                raise ValueError(f"n_wins[{i}]={n_wins[i]} is larger than stage {i}'s feature map {h}x{w} "
+                raise UserError(f"n_wins[{i}]={n_wins[i]} is larger than stage {i}'s feature map {h}x{w} "
                                  f"at img_size={self.img_size}; use n_win <= {min(h, w)} or a larger image")
         heads = []
         for i, d in enumerate(dims):
             if num_heads[i] is None and (head_dim < 1 or d % head_dim):
-                raise ValueError(f"stage {i}: width {d} is not divisible by head_dim={head_dim}")
+                raise UserError(f"stage {i}: width {d} is not divisible by head_dim={head_dim}")
             nh = num_heads[i] or d // head_dim
             if nh < 1 or d % nh:
-                raise ValueError(f"stage {i}: width {d} is not divisible by num_heads={nh}")
+                raise UserError(f"stage {i}: width {d} is not divisible by num_heads={nh}")
             heads.append(nh)
 
         self.num_classes, self.drop_rate, self.global_pool = num_classes, drop_rate, global_pool
         self.num_features = self.head_hidden_size = dims[-1]
         self.stage_cfg = dict(depths=depths, embed_dims=dims, attn=attn, topks=topks, n_wins=n_wins,
                               num_heads=heads, mlp_ratios=mlp_ratios, stem=stem)
-        self.stem = Stem(in_chans, dims[0], stem)
+        # two classes, not one with both layouts: TorchScript compiles every branch of a forward
+        self.stem = OverlapStem(in_chans, dims[0]) if stem == "overlap" else PatchStem(in_chans, dims[0])
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         stages, self.feature_info, reduction = [], [], 4
         for i in range(4):
             make_attn = partial(create_attention, dim=dims[i], num_heads=heads[i], n_win=n_wins[i], topk=topks[i],
                                 stripe_width=stripe_widths[i], qkv_bias=qkv_bias[i], lepe_kernel=lepe_kernel[i],
                                 lepe_source=lepe_source[i], scale_mode=scale_mode[i], backend=attn_backend)
-            blocks = [Block(dims[i], make_attn(block_kind(attn[i], j)), mlp_ratios[i], dpr[sum(depths[:i]) + j],
-                            pos_embed) for j in range(depths[i])]
+            try:
+                blocks = [Block(dims[i], make_attn(block_kind(attn[i], j)), mlp_ratios[i], dpr[sum(depths[:i]) + j],
+                                pos_embed) for j in range(depths[i])]
+            except UserError as e:  # the layer's own message, and which stage's settings it is about
+                raise UserError(f"stage {i}: {e}") from None
             down = Downsample(dims[i - 1], dims[i], stem) if i else None
             stages.append(Stage(down, blocks))
             reduction = reduction * 2 if i else reduction
@@ -297,7 +318,7 @@ class BiFormer(nn.Module):
         or a list of stage numbers, negative from the end; default all), and unless intermediates_only
         the final features. norm: apply the final norm to a last-stage intermediate."""
         if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt={output_fmt!r}; allowed: 'NCHW'")
+            raise UserError(f"output_fmt={output_fmt!r}; allowed: 'NCHW'")
         take, last = feature_take_indices(len(self.stages), indices)
         intermediates, x = [], self.stem(x)
         stages = self.stages[:last + 1] if stop_early or intermediates_only else self.stages
