@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import biformer_lit  # noqa: F401
+import biformer_lit.models  # noqa: F401  (registers the models with timm)
 from biformer_lit.attention import create_attention, list_attentions
 from biformer_lit.attention.reference import reference_forward
 
