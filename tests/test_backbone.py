@@ -155,3 +155,16 @@ def test_flop_counters_agree():
     by_op = analysis.by_operator()
     norms = by_op.get("layer_norm", 0) + by_op.get("batch_norm", 0)
     assert (analysis.total() - norms) / 1e9 == pytest.approx(ours, rel=1e-6)
+
+
+def test_the_export_command_builds_a_checkpoints_model_from_its_settings(tmp_path):
+    from biformer_lit.commands.export import load_checkpoint_model
+    kwargs = dict(depths=[1, 1, 1, 1])
+    net = timm.create_model("biformer_cpu_tiny", num_classes=7, **kwargs)
+    ckpt = {"pytorch-lightning_version": "2.5.0", "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()},
+            "hyper_parameters": dict(model="biformer_cpu_tiny", num_classes=7, img_size=64, model_kwargs=kwargs)}
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    loaded = load_checkpoint_model(tmp_path / "last.ckpt").eval()
+    x = images(7)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net.eval()(x))
