@@ -77,7 +77,9 @@ def test_every_attention_kind_scripts_and_traces():
         x = images(1, size=60)
         want = model(x)
         assert torch.equal(scripted(model)(x), want), attn
-        assert torch.equal(torch.fx.symbolic_trace(model)(x), want), attn
+        traced = torch.fx.symbolic_trace(model)
+        assert torch.equal(traced(x), want), attn
+    assert torch.equal(scripted(traced)(x), want)  # FX, then TorchScript: the leaves script too
 
 
 @torch.no_grad()
