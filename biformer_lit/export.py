@@ -1,9 +1,8 @@
 """Exporting a model: torch.export (.pt2) and ONNX (.onnx, the dynamo exporter), each checked against eager.
 
 torch.export: the batch dimension is dynamic (`Dim.AUTO`, traced at batch 2; batch 1 runs too). Height and
-width are fixed
-at the export size: padding to whole regions, the backend pick and the stem's size check branch on
-them, and Dim.AUTO specialises them to the example's size rather than export every branch.
+width are fixed at the export size: padding to whole regions, the backend pick and the stem's size check
+branch on them, and Dim.AUTO specialises them to the example's size rather than export every branch.
 ONNX: translated from that program by the dynamo exporter, so it keeps the dynamic batch (onnxruntime
 runs the file). Routing stays data-dependent in both: top-k is an op of the exported graph.
 """
