@@ -45,7 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--img_size", type=positive, default=None,
                         help="input side in px (default: the size the model was built for)")
     parser.add_argument("--batch", type=positive, default=1,
-                        help="batch of the check (and of the ONNX input; .pt2 takes any batch)")
+                        help="batch of the check against eager (the exported batch is dynamic)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse already printed usage / help
@@ -54,13 +54,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise UserError("--weights goes with --model")
     if args.output.suffix.lower() not in (".onnx", ".pt2"):
         raise UserError(f"--output {args.output}: allowed: a file name ending in .onnx or .pt2")
+    if not args.output.parent.is_dir():
+        raise UserError(f"--output {args.output}: folder {args.output.parent} does not exist")
     from .visualize import load_weights_model, model_img_size
     from ..export import export
     model = load_checkpoint_model(args.ckpt_path) if args.ckpt_path else load_weights_model(args.model, args.weights)
     size = args.img_size or model_img_size(model)
-    if args.output.parent and not args.output.parent.is_dir():
-        raise UserError(f"--output {args.output}: folder {args.output.parent} does not exist")
     diff = export(model, args.output, (size, size), batch=args.batch)
     print(f"wrote {args.output}")
-    print(f"largest difference from eager ({args.batch}x3x{size}x{size}): {diff:.3g}")
+    print(f"largest difference from eager (batch {args.batch}, {size}x{size} px): {diff:.3g}")
     return 0
