@@ -257,7 +257,9 @@ def verdict(metric: str, c: Contrast | None) -> str:
 
 
 def verdict_lines(runs: list[dict]) -> list[str]:
-    """One line per (arm, metric): the arm against the reference arm."""
+    """One line per (arm, metric): the arm against the reference arm (none without runs)."""
+    if not runs:
+        return []
     ref = reference_arm(runs)
     return [f"{arm} vs {ref}: {verdict(metric, c)}" for arm, by_metric in contrasts(runs).items()
             for metric, c in by_metric.items()]

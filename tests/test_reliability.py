@@ -94,7 +94,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_continues(uninterrupted, tmp_pat
 
 def test_non_finite_loss_stops_with_step_and_batch():
     from biformer_lit.errors import UserError
-from biformer_lit.module import ClassificationModule
+    from biformer_lit.module import ClassificationModule
     m = ClassificationModule(model="biformer_cpu_tiny", num_classes=4, img_size=64, mixup=0, cutmix=0)
     x = torch.randn(2, 3, 64, 64)
     x[0, 0, 0, 0] = float("nan")
