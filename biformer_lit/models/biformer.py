@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.fx
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -365,7 +366,7 @@ def _cfg(stem: str = "overlap", img_size=224) -> dict:
     h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     # the final map's size: the overlap stem pads (sizes round up), so it is not h // 32 there
     return dict(url="", num_classes=1000, input_size=(3, h, w), pool_size=stage_sizes((h, w), stem)[-1],
-                crop_pct=0.9, interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                crop_pct=0.9, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
                 first_conv="stem.conv1" if stem == "overlap" else "stem.conv", classifier="head", license="mit")
 
 
