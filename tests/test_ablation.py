@@ -428,7 +428,7 @@ def test_skip_finished_resume_interrupted_and_report(tmp_path):
     rows = summarize(load_runs(runs))
     assert [r["arm"] for r in rows] == ["k1", "k4"]
     for r in rows:
-        assert r["params_m"] > 0 and r["gflops"] > 0 and r["top1_mean"] >= 0
+        assert r["params_m"] > 0 and r["gmacs"] > 0 and r["top1_mean"] >= 0
 
 
 @pytest.mark.slow

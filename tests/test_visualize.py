@@ -141,7 +141,7 @@ def test_main_missing_files_is_a_clean_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra,message", [
     (["--img_size", "0"], "--img_size 0; allowed: a positive size in pixels"),
-    (["--img_size", "17"], "--img_size 17: input of 17x17 px; the patch stem needs at least 32 px per side"),
+    (["--img_size", "17"], "input of 17x17 px"),
     (["--query", "99"], "--query 99: no drawn layer has these regions (row-major ids; stage 0: 0..15"),
     (["--query_point", "1.5", "-2"], "--query_point 1.5 -2.0; allowed: fractions in [0, 1]"),
     (["--out", "{tmp}/afile"], "is a file; allowed: a folder"),
