@@ -393,20 +393,21 @@ def val_steps(run_dir: Path, events_file: str) -> list:
 
 
 @pytest.mark.slow
-def test_skip_finished_resume_interrupted_and_report(tmp_path):
+def test_skip_finished_resume_interrupted_and_report(tmp_path, capsys, monkeypatch):
     """End to end, as a user runs it: two arms train, one is rolled back to an interrupted state; the rerun
     skips the finished arm and continues the other from its checkpoint; an evaluation of an arm keeps its
     report."""
+    monkeypatch.chdir(tmp_path)  # the runner and validate in-process; the arms are their own processes
     path = write_ablation(tmp_path, keep_every_epoch=True)
     args = ["fit", "--config", str(path), "--ablation.only=[k1,k4]", *TINY[1:], "--trainer.max_epochs=2"]
-    cli(args, tmp_path)
+    assert main(args) == 0, capsys.readouterr().err[-3000:]
     runs = tmp_path / "runs" / "mini"
     k1, k4 = runs / "k1" / "seed_0", runs / "k4" / "seed_0"
     assert json.loads((k1 / "arm.json").read_text())["status"] == "finished"
     from biformer_lit.report import load_runs, summarize
     fitted = load_runs(runs)[0]["scalars"]
-    cli(["validate", "--config", str(k1 / "config.yaml"), "--ckpt_path", str(k1 / "checkpoints" / "best-1.ckpt"),
-         *TINY[1:]], tmp_path)  # an evaluation logs beside the arm's own logs: its report stays the fit's
+    assert main(["validate", "--config", str(k1 / "config.yaml"), "--ckpt_path", str(k1 / "checkpoints" / "best-1.ckpt"),
+                 *TINY[1:]]) == 0  # an evaluation logs beside the arm's own logs: its report stays the fit's
     assert (k1 / "validate" / "config.yaml").exists() and load_runs(runs)[0]["scalars"] == fitted
     events_before = sorted(p.name for p in k1.glob("events.out.tfevents.*"))
     k4_events = sorted(p.name for p in k4.glob("events.out.tfevents.*"))
@@ -417,7 +418,9 @@ def test_skip_finished_resume_interrupted_and_report(tmp_path):
     info = json.loads((k4 / "arm.json").read_text())
     (k4 / "arm.json").write_text(json.dumps(dict(info, status="running")))
     shutil.copy(k4 / "checkpoints" / "best-0.ckpt", k4 / "checkpoints" / "last.ckpt")
-    out = cli(args, tmp_path).stdout
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
     assert "skip finished k1/seed_0" in out
     assert "start k4/seed_0 (resuming)" in out
     assert sorted(p.name for p in k1.glob("events.out.tfevents.*")) == events_before  # nothing recomputed
