@@ -10,6 +10,11 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from .precision import sdpa_policy
+
+# an FX leaf: it branches on the device (its per-device policy), which symbolic tracing cannot follow
+torch.fx.wrap("sdpa_policy")
+
 
 def grid_cells(size: int, n: int) -> Tuple[int, int]:
     """Cell edge and padded size when `size` tokens are cut into `n` equal cells (last ones may be padding)."""
@@ -54,8 +59,9 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def sdpa(q, k, v, scale: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """q, k, v: (G, heads, T, d) views; mask broadcastable to (G, heads, Tq, Tk), True = may attend."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    """q, k, v: (G, heads, T, d) views; mask broadcastable to (G, heads, Tq, Tk), True = may attend.
+    In the precision the per-device policy picks (precision.py: fp32 on CPU, autocast's on CUDA)."""
+    return sdpa_policy(q, k, v, scale, mask)
 
 
 def grouped_attention(q, k, v, num_heads: int, scale: float, pattern: str, sizes: dict,

@@ -1,0 +1,45 @@
+"""Mixed-precision policy of the attention layers (bf16 autocast): which ops leave bf16, and why.
+
+Measured per op on CPU (docs/precision.md):
+  SDPA      fp32 on CPU. The CPU flash kernel's bf16 backward is ~3x slower than its fp32 one at
+            BiFormer's shapes; the fp32 forward+backward is cheaper than the bf16 matmuls it replaces.
+            CUDA keeps autocast's bf16 (flash / cuDNN kernels are fast in bf16).
+  routing   region summaries and affinities in fp32 / fp64 on every device, so bf16 rounding of the
+            affinities never flips a top-k choice. They are tiny (regions x regions): free.
+
+Everything here is plain tensor ops, so it scripts (torch.jit.script) and, as a leaf, traces (FX).
+Autocast cannot be queried or turned off from TorchScript in torch 2.14 (a scripted
+`torch.is_autocast_cpu_enabled()` crashes under autocast; a scripted `with torch.autocast(..., enabled=False)`
+is ignored), so the helpers step around it instead: they call ops that are on none of autocast's cast lists
+(the CPU flash-attention op itself; fp64 matmuls, which autocast never casts).
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def sdpa_policy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Scaled dot-product attention; q, k, v (G, heads, T, d), mask broadcastable, True = may attend.
+
+    CPU: always fp32 (output in q's dtype). `F.scaled_dot_product_attention` is on CPU autocast's bf16
+    list, so under autocast it would cast to bf16 whatever we pass; the flash op it dispatches to on CPU
+    is not, and with fp32 inputs and an additive mask it is the very kernel fp32 SDPA runs (same values).
+    """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    bias: Optional[torch.Tensor] = None
+    if mask is not None:  # the op takes an additive mask of the query's dtype, not a boolean one
+        bias = torch.zeros(mask.shape, dtype=torch.float32, device=q.device).masked_fill(~mask, float("-inf"))
+    out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.float(), k.float(), v.float(), 0.0, False, attn_mask=bias, scale=scale)[0]
+    return out.to(q.dtype)
+
+
+def affinity_fp64(q_regions: torch.Tensor, k_regions: torch.Tensor) -> torch.Tensor:
+    """(B, R, C) x (B, R, C) -> (B, R, R) fp32 region affinities, computed in fp64.
+
+    A plain matmul would run in bf16 under autocast (its rounding flips near-tied top-k choices);
+    autocast never casts fp64, and at regions x regions the fp64 cost is nil."""
+    return (q_regions.double() @ k_regions.double().transpose(-1, -2)).float()
