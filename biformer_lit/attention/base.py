@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .precision import depthwise_conv
+
 SCALE_MODES = ("head", "dim")
 LEPE_SOURCES = ("v", "input")
 
@@ -86,7 +88,9 @@ class TokenMixer(nn.Module):
         return [F.linear(x, wi, bi) for wi, bi in zip(w, b)]
 
     def local_context(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        # fp32 under bf16 autocast: the precision policy (precision.py)
+        return depthwise_conv(x.permute(0, 3, 1, 2), self.lepe.weight, self.lepe.bias,
+                              self.lepe.padding[0]).permute(0, 2, 3, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape

@@ -4,6 +4,9 @@ Measured per op on CPU (docs/precision.md):
   SDPA      fp32 on CPU. The CPU flash kernel's bf16 backward is ~3x slower than its fp32 one at
             BiFormer's shapes; the fp32 forward+backward is cheaper than the bf16 matmuls it replaces.
             CUDA keeps autocast's bf16 (flash / cuDNN kernels are fast in bf16).
+  dw conv   LePE / positional depthwise convs in the weights' dtype (fp32 under autocast) on every
+            device: on CPU autocast's bf16 depthwise conv falls to the slow (im2col) kernel, 20-50x slower
+            than fp32's; channels-last weights do not help. Unmeasured on CUDA (no GPU here).
   routing   region summaries and affinities in fp32 / fp64 on every device, so bf16 rounding of the
             affinities never flips a top-k choice. They are tiny (regions x regions): free.
 
@@ -11,7 +14,8 @@ Everything here is plain tensor ops, so it scripts (torch.jit.script) and, as a 
 Autocast cannot be queried or turned off from TorchScript in torch 2.14 (a scripted
 `torch.is_autocast_cpu_enabled()` crashes under autocast; a scripted `with torch.autocast(..., enabled=False)`
 is ignored), so the helpers step around it instead: they call ops that are on none of autocast's cast lists
-(the CPU flash-attention op itself; fp64 matmuls, which autocast never casts).
+(the CPU flash-attention op itself; aten::convolution, which autocast's conv2d entry does not cover;
+fp64 matmuls, which autocast never casts).
 """
 from typing import Optional
 
@@ -43,3 +47,14 @@ def affinity_fp64(q_regions: torch.Tensor, k_regions: torch.Tensor) -> torch.Ten
     A plain matmul would run in bf16 under autocast (its rounding flips near-tied top-k choices);
     autocast never casts fp64, and at regions x regions the fp64 cost is nil."""
     return (q_regions.double() @ k_regions.double().transpose(-1, -2)).float()
+
+
+def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int) -> torch.Tensor:
+    """Stride-1 depthwise conv of an NCHW x in `weight`'s dtype: fp32 under autocast (see above), the
+    model's own dtype otherwise. aten::convolution, unlike conv2d, is not on autocast's bf16 list.
+    Limitation: it scripts, but a *scripted* model under autocast still gets a bf16 conv (TorchScript's
+    own autocast pass casts it); eager and FX-traced models get fp32."""
+    # torch.ops.aten.convolution, not torch.convolution: TorchScript compiles the latter to _convolution,
+    # which is on the bf16 list
+    return torch.ops.aten.convolution(x.to(weight.dtype), weight, bias, [1, 1], [padding, padding], [1, 1],
+                                      False, [0, 0], weight.shape[0])
