@@ -33,20 +33,22 @@ def sdpa_policy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     """
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    dt = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for a fp64 model
     bias: Optional[torch.Tensor] = None
     if mask is not None:  # the op takes an additive mask of the query's dtype, not a boolean one
-        bias = torch.zeros(mask.shape, dtype=torch.float32, device=q.device).masked_fill(~mask, float("-inf"))
+        bias = torch.zeros(mask.shape, dtype=dt, device=q.device).masked_fill(~mask, float("-inf"))
     out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q.float(), k.float(), v.float(), 0.0, False, attn_mask=bias, scale=scale)[0]
+        q.to(dt), k.to(dt), v.to(dt), 0.0, False, attn_mask=bias, scale=scale)[0]
     return out.to(q.dtype)
 
 
 def affinity_fp64(q_regions: torch.Tensor, k_regions: torch.Tensor) -> torch.Tensor:
-    """(B, R, C) x (B, R, C) -> (B, R, R) fp32 region affinities, computed in fp64.
+    """(B, R, C) x (B, R, C) -> (B, R, R) region affinities (fp32, or fp64 for fp64), computed in fp64.
 
     A plain matmul would run in bf16 under autocast (its rounding flips near-tied top-k choices);
     autocast never casts fp64, and at regions x regions the fp64 cost is nil."""
-    return (q_regions.double() @ k_regions.double().transpose(-1, -2)).float()
+    out = q_regions.double() @ k_regions.double().transpose(-1, -2)
+    return out.to(torch.promote_types(q_regions.dtype, torch.float32))
 
 
 def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int) -> torch.Tensor:
