@@ -298,7 +298,8 @@ def main():
         for bad in [g for g in given if g not in allowed]:
             ap.error(f"{flag}: unknown {bad!r} on {device}; allowed: {', '.join(allowed)}")
     info = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
-                cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads())
+                cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads(),
+                cpu_capability=torch.backends.cpu.get_cpu_capability())  # bf16 pays only with AVX512-BF16/AMX
     print(f"# {info}")
     results = dict(info=info, layers=[], models=[])
     out = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / f"{device}.json"
