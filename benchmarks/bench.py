@@ -278,7 +278,7 @@ def main():
     ap.add_argument("--models", default=None,
                     help=f"comma-separated subset of: {', '.join(MODELS)}, biformer_tiny[flex] (CUDA)")
     ap.add_argument("--dtypes", default=None, help="comma-separated, run in the given order: fp32, bf16 "
-                                                   "(default: fp32 on CPU, fp32,bf16 on CUDA)")
+                                                   "(default: fp32,bf16, interleaved in one process per case)")
     ap.add_argument("--json", default=None, help="output file (default benchmarks/results/<device>.json)")
     ap.add_argument("--case_timeout", type=float, default=None, help="seconds per model case (default: none)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
