@@ -89,6 +89,8 @@ def _fvcore_none(inputs, outputs) -> int:
 
 FVCORE_HANDLES = {
     "aten::scaled_dot_product_attention": _fvcore_sdpa,
+    # the CPU kernel the precision policy (attention/precision.py) calls directly
+    "aten::_scaled_dot_product_flash_attention_for_cpu": _fvcore_sdpa,
     # data movement (routing's scatter into a bool matrix, top-k indices): no arithmetic
     "aten::scatter_": _fvcore_none, "aten::scatter": _fvcore_none, "aten::topk": _fvcore_none,
 }

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .precision import depthwise_conv
 
 SCALE_MODES = ("head", "dim")
 LEPE_SOURCES = ("v", "input")
@@ -68,6 +69,7 @@ class TokenMixer(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.lepe = nn.Conv2d(dim, dim, lepe_kernel, padding=lepe_kernel // 2, groups=dim) if lepe_kernel else None
+        self.lepe_padding = lepe_kernel // 2
         # Visualisation hook: when `capture` is set, `mix` stores what it routed in `captured`.
         # Off by default, so training pays nothing for it.
         self.capture = False
@@ -91,9 +93,12 @@ class TokenMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.project(x)
         out = self.mix(q, k, v)
-        if self.lepe is not None:
+        lepe = self.lepe
+        if lepe is not None:
             src = v if self.lepe_source == "v" else x
-            out = out + self.lepe(src.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            # fp32 under bf16 autocast: the precision policy (precision.py)
+            out = out + depthwise_conv(src.permute(0, 3, 1, 2), lepe.weight, lepe.bias,
+                                       self.lepe_padding).permute(0, 2, 3, 1)
         return self.proj(out)
 
     def extra_repr(self) -> str:

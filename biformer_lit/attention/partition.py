@@ -13,6 +13,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from .precision import sdpa_policy
+
 
 def fx_leaf(fn):
     """Register `fn` as a leaf of timm's FX feature extraction. torch.fx.wrap (symbolic_trace, torchvision)
@@ -96,10 +98,12 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
+@fx_leaf
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """q, k, v: (G, heads, T, d) views; mask broadcastable to (G, heads, Tq, Tk), True = may attend."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    """q, k, v: (G, heads, T, d) views; mask broadcastable to (G, heads, Tq, Tk), True = may attend.
+    In the precision the per-device policy picks (precision.py: fp32 on CPU, autocast's on CUDA)."""
+    return sdpa_policy(q, k, v, scale, mask)
 
 
 @fx_leaf
@@ -127,6 +131,6 @@ def pad_all(tensors: List[torch.Tensor], hp: int, wp: int) -> List[torch.Tensor]
     return [pad_hw(t, hp, wp) for t in tensors]
 
 
-FX_LEAVES = ("pad_hw", "crop_hw", "valid_map", "partition_valid", "grouped_attention")
+FX_LEAVES = ("pad_hw", "crop_hw", "valid_map", "partition_valid", "sdpa", "grouped_attention")
 for _leaf in FX_LEAVES:
     torch.fx.wrap(_leaf)

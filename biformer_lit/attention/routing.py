@@ -12,19 +12,23 @@ import torch.fx
 
 from .partition import fx_leaf
 
+from .precision import affinity_fp64
+
 
 @fx_leaf
 def region_means(x: torch.Tensor, valid: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """x: (B, R, T, C) regions; valid: (R, T) real tokens or None. Mean over real tokens -> (B, R, C).
 
     Also returns (R,) bool of regions holding at least one real token (None without padding).
+    The means are at least fp32 (precision policy: bf16 summaries could flip routing choices).
     """
+    acc = torch.promote_types(x.dtype, torch.float32)
     if valid is None:
-        return x.mean(dim=2), None
+        return x.mean(dim=2, dtype=acc), None
     count = valid.sum(-1)  # (R,)
     # summed in at least fp32: an fp16 region sum overflows (to inf: routing picks wrong) long before the mean
-    s = (x * valid[None, :, :, None]).sum(dim=2, dtype=torch.promote_types(x.dtype, torch.float32))
-    return (s / count.clamp(min=1)[None, :, None]).to(x.dtype), count > 0
+    s = (x * valid[None, :, :, None]).sum(dim=2, dtype=acc)
+    return s / count.clamp(min=1)[None, :, None], count > 0
 
 
 @fx_leaf
@@ -36,7 +40,7 @@ def route(q_regions: torch.Tensor, k_regions: torch.Tensor, topk: int,
     index in torch.topk order (largest affinity first). Regions made only of padding are never chosen
     while a real one is left.
     """
-    affinity = q_regions.detach() @ k_regions.detach().transpose(-1, -2)
+    affinity = affinity_fp64(q_regions.detach(), k_regions.detach())  # never bf16: see precision.py
     if nonempty is not None:
         affinity = affinity.masked_fill(~nonempty[None, None, :], float("-inf"))
     return affinity, affinity.topk(topk, dim=-1).indices

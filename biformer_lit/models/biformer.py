@@ -21,6 +21,7 @@ from timm.models._manipulate import checkpoint_seq
 
 from ..attention import create_attention
 from ..attention.base import is_int
+from ..attention.precision import depthwise_conv
 from ..attention.bra import BACKENDS as BRA_BACKENDS
 from ..attention.partition import fx_leaf
 from ..attention.registry import check_attention_name
@@ -105,7 +106,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pos_embed is not None:
-            x = x + self.pos_embed(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            # fp32 under bf16 autocast: the precision policy (attention/precision.py)
+            x = x + depthwise_conv(x.permute(0, 3, 1, 2), self.pos_embed.weight, self.pos_embed.bias,
+                                   1).permute(0, 2, 3, 1)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
