@@ -3,6 +3,7 @@
 In-process through the CLI's entry function; the arms' `fit` processes are faked (`fits`) except in the
 few end-to-end runs marked slow."""
 import fcntl
+import io
 import json
 import os
 import re
@@ -172,8 +173,11 @@ def fits(monkeypatch, tmp_path):
         def __init__(self, cmd, **kwargs):
             fake.commands.append(cmd)
             fake.env.append(kwargs.get("env", {}))
-            fake.claimed.append(claimed(Path(cmd[cmd.index("--config") + 1]).parent))
+            run_dir = Path(cmd[cmd.index("--config") + 1]).parent
+            fake.claimed.append(claimed(run_dir))
             self.passed_on = threading.Event()
+            label = f"{run_dir.parent.name}/{run_dir.name}"
+            self.stdout = io.StringIO(f"[{label}] epoch 1/1  val top-1 50.0%\nLightning's own output\n")
 
         def send_signal(self, signum):
             fake.received.append(signum)
@@ -330,6 +334,15 @@ def test_a_failed_run_says_where_its_output_is(tmp_path, fits, capsys, parallel,
     assert main(["fit", "--config", str(path), "--ablation.only=[k1,k4]", f"--ablation.parallel={parallel}"]) == 1
     assert re.search(r"error: 2 run\(s\) failed: k1/seed_0, k4/seed_0 " + where, capsys.readouterr().err)
     assert json.loads((tmp_path / "runs/mini/k1/seed_0/arm.json").read_text())["status"] == "failed (exit 3)"
+
+
+def test_runs_at_once_log_to_their_folders_and_print_their_progress_lines(tmp_path, fits, capsys):
+    path = write_ablation(tmp_path)
+    assert main(["fit", "--config", str(path), "--ablation.only=[k1,k4]", "--ablation.parallel=2"]) == 0
+    out = capsys.readouterr().out
+    assert "[k1/seed_0] epoch 1/1" in out and "[k4/seed_0] epoch 1/1" in out and "Lightning's own" not in out
+    log = (tmp_path / "runs/mini/k1/seed_0/stdout.log").read_text()
+    assert "[k1/seed_0] epoch 1/1" in log and "Lightning's own output" in log
 
 
 def test_a_run_is_claimed_while_it_runs_and_a_second_invocation_refused(tmp_path, fits, capsys):

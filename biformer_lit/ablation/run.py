@@ -122,10 +122,13 @@ def run_one(job: Job, parallel: int, slot: int, children: Children, schedule: di
         env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
     if parallel > 1 and "OMP_NUM_THREADS" not in os.environ:  # runs at once share the cores, not oversubscribe them
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // parallel))
-    logged = parallel > 1  # runs at once would interleave on the terminal: each writes its stdout.log
+    # runs at once would interleave on the terminal: each writes its stdout.log, and only its progress lines
+    # (whole lines, labelled) reach the terminal
+    logged = parallel > 1
     t0 = time.time()
     with open(run_dir / "stdout.log", "a") if logged else contextlib.nullcontext() as log:
-        proc = children.start(cmd, env=env, stdout=log, stderr=subprocess.STDOUT if logged else None,
+        proc = children.start(cmd, env=env, stdout=subprocess.PIPE if logged else None, text=True,
+                              stderr=subprocess.STDOUT if logged else None,
                               pass_fds=[job.lock] if job.lock is not None else [])
         if proc is None:
             return None
@@ -133,6 +136,12 @@ def run_one(job: Job, parallel: int, slot: int, children: Children, schedule: di
             os.write(job.lock, f", its fit: pid {proc.pid}".encode())
         write_status(run_dir, **info, status="running", resumed=resuming, pid=proc.pid)
         print(f"[ablation] start {job.label}{' (resuming)' if resuming else ''}", flush=True)
+        if logged:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if line.startswith(f"[{job.label}] "):
+                    print(line, end="", flush=True)
         code = children.wait(proc)
     status = "finished" if code == 0 else "interrupted" if children.stopped_by else f"failed (exit {code})"
     write_status(run_dir, **info, status=status, seconds=round(time.time() - t0, 1))
