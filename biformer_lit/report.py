@@ -249,9 +249,11 @@ def verdict(metric: str, c: Contrast | None) -> str:
     if c.separable:
         return f"{metric} {_signed(c.difference)} points, {CONFIDENCE:.0%} CI {ci}, n={c.n}: separable at {CONFIDENCE:.0%}"
     need = c.seeds_needed
-    more = ("no difference seen" if need is None else
-            f"about {need if need <= 1000 else 'more than 1000'} seeds would separate a difference of this size "
-            f"({POWER:.0%} power, with this spread)")
+    if need is None:
+        more = "no difference seen"
+    else:
+        count = f"about {need}" if need <= 1000 else "more than 1000"
+        more = f"{count} seeds would separate a difference of this size ({POWER:.0%} power, with this spread)"
     return f"{metric} {_signed(c.difference)} points, {CONFIDENCE:.0%} CI {ci}, n={c.n}: not separable at " \
            f"{CONFIDENCE:.0%}; {more}"
 
