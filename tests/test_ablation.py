@@ -67,8 +67,12 @@ def test_every_arm_resolves_builds_and_trains_a_step(path, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     assert main(["fit", "--config", str(path)]) == 0
     section = yaml.safe_load(path.read_text())["ablation"]
-    assert [j.arm["name"] for j in jobs] == [a["name"] for a in section["arms"]] and len(jobs) >= 3
+    assert [(j.arm["name"], j.seed) for j in jobs] == [(a["name"], s) for a in section["arms"] for s in section["seeds"]]
+    assert len(section["arms"]) >= 3 and len(section["seeds"]) >= 3
     for job in jobs:
+        assert job.config["seed_everything"] == job.seed
+        assert job.config["trainer"]["logger"]["init_args"]["version"] == f"seed_{job.seed}"
+    for job in (j for j in jobs if j.seed == section["seeds"][0]):  # the seeds differ only in their seed
         cfg = job.config
         data = ImageDataModule(**dict(cfg["data"], batch_size=4, train_size=8))
         model = ClassificationModule(**dict(cfg["model"], num_classes=data.num_classes, img_size=data.img_size))
@@ -80,7 +84,6 @@ def test_every_arm_resolves_builds_and_trains_a_step(path, tmp_path, monkeypatch
         x, y = next(iter(data.train_dataloader()))
         torch.nn.functional.cross_entropy(model(x), y).backward()
         assert all(p.grad is not None for p in model.model.parameters() if p.requires_grad)
-        assert cfg["seed_everything"] == 0 and cfg["trainer"]["logger"]["init_args"]["version"] == "seed_0"
 
 
 @pytest.mark.parametrize("data", ["imagenet", "cifar100"])
