@@ -12,6 +12,12 @@ settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI", "").lower() == "true":
     settings.load_profile("ci")
 
+# The suite runs in pytest-xdist workers (pyproject addopts), one thread each, for the tests and for the
+# processes they start: while one worker waits on a subprocess or a signal, the others use the two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "reference" / "official_biformer.pt"
 

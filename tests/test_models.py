@@ -232,7 +232,9 @@ def test_torch_compile_whole_model(backend, monkeypatch):
         eager = m(x)  # 'flex' eagerly on CPU: its reference path, tested against the oracle
         kernel = bra_flex.flex_routed_attention
         monkeypatch.setattr(bra_flex, "flex_routed_attention", lambda *a, **kw: kernel(*a, **kw, compiled=True))
-        compiled = torch.compile(m)(x)
+        # the model's graph through dynamo and AOT autograd (graph breaks, guards, decompositions); inductor's
+        # code generation is tested where it is ours to get right: the FlexAttention kernel (test_attention)
+        compiled = torch.compile(m, backend="aot_eager")(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
 
 
