@@ -132,8 +132,8 @@ def test_depthwise_convs_run_fp32_under_autocast():
     conv = torch.nn.Conv2d(8, 8, 5, padding=2, groups=8)
     x = torch.randn(2, 8, 6, 7)
     with bf16:
-        out = depthwise_conv(x, conv.weight, conv.bias, 2)
-        scripted = torch.jit.script(depthwise_conv)(x, conv.weight, conv.bias, 2)
+        out = depthwise_conv(x, conv.weight, conv.bias)
+        scripted = torch.jit.script(depthwise_conv)(x, conv.weight, conv.bias)
     assert out.dtype == torch.float32 and torch.allclose(out, conv(x), atol=1e-6)
     # scripted, it runs, but TorchScript's own autocast pass casts the conv to bf16 (known limitation)
     assert torch.allclose(scripted.float(), conv(x), atol=5e-2)

@@ -69,7 +69,6 @@ class TokenMixer(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.lepe = nn.Conv2d(dim, dim, lepe_kernel, padding=lepe_kernel // 2, groups=dim) if lepe_kernel else None
-        self.lepe_padding = lepe_kernel // 2
         # Visualisation hook: when `capture` is set, `mix` stores what it routed in `captured`.
         # Off by default, so training pays nothing for it.
         self.capture = False
@@ -97,8 +96,7 @@ class TokenMixer(nn.Module):
         if lepe is not None:
             src = v if self.lepe_source == "v" else x
             # fp32 under bf16 autocast: the precision policy (precision.py)
-            out = out + depthwise_conv(src.permute(0, 3, 1, 2), lepe.weight, lepe.bias,
-                                       self.lepe_padding).permute(0, 2, 3, 1)
+            out = out + depthwise_conv(src.permute(0, 3, 1, 2), lepe.weight, lepe.bias).permute(0, 2, 3, 1)
         return self.proj(out)
 
     def extra_repr(self) -> str:

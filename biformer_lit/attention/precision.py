@@ -51,12 +51,13 @@ def affinity_fp64(q_regions: torch.Tensor, k_regions: torch.Tensor) -> torch.Ten
     return out.to(torch.promote_types(q_regions.dtype, torch.float32))
 
 
-def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int) -> torch.Tensor:
-    """Stride-1 depthwise conv of an NCHW x in `weight`'s dtype: fp32 under autocast (see above), the
-    model's own dtype otherwise. aten::convolution, unlike conv2d, is not on autocast's bf16 list.
+def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Stride-1, size-keeping depthwise conv (odd kernel, padded by kernel // 2) of an NCHW x in `weight`'s
+    dtype: fp32 under autocast (see above), the model's own dtype otherwise. aten::convolution, unlike conv2d, is not on autocast's bf16 list.
     Limitation: it scripts, but a *scripted* model under autocast still gets a bf16 conv (TorchScript's
     own autocast pass casts it); eager and FX-traced models get fp32."""
     # torch.ops.aten.convolution, not torch.convolution: TorchScript compiles the latter to _convolution,
     # which is on the bf16 list
+    padding = weight.shape[-1] // 2
     return torch.ops.aten.convolution(x.to(weight.dtype), weight, bias, [1, 1], [padding, padding], [1, 1],
                                       False, [0, 0], weight.shape[0])

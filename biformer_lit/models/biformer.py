@@ -107,8 +107,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pos_embed is not None:
             # fp32 under bf16 autocast: the precision policy (attention/precision.py)
-            x = x + depthwise_conv(x.permute(0, 3, 1, 2), self.pos_embed.weight, self.pos_embed.bias,
-                                   1).permute(0, 2, 3, 1)
+            x = x + depthwise_conv(x.permute(0, 3, 1, 2), self.pos_embed.weight,
+                                   self.pos_embed.bias).permute(0, 2, 3, 1)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
