@@ -140,13 +140,15 @@ def test_flex_block_mask_lists_routed_regions_full_or_partial():
 def test_auto_backend_policy():
     """CPU: 'masked' for small regions while the token mask is small, else 'indexed'; CUDA picks
     FlexAttention only where 'indexed' would copy many routed tokens."""
+    from biformer_lit.attention.bra import pick_backend
     from biformer_lit.attention.bra_flex import flex_supported
     m = create_attention("bra", 32, 2, n_win=7, topk=4)
+    g = create_attention("bra", 32, 2, n_win=7, topk=4, backend="gather")
     q = lambda b, t: torch.zeros(b, 49, t, 32)  # (B, R, T, C) regions  # noqa: E731
-    assert m.pick_backend(q(8, 4), 4, None) == "masked"  # 2x2 regions (stage 3 at 224)
-    assert m.pick_backend(q(8, 64), 64, None) == "indexed"  # 8x8 regions (stage 1 at 224)
-    assert m.pick_backend(q(512, 9), 9, None) == "indexed"  # small regions, but a 400 MB token mask
-    assert create_attention("bra", 32, 2, n_win=7, topk=4, backend="gather").pick_backend(q(8, 4), 4, None) == "gather"
+    assert pick_backend(m.backend, q(8, 4), 4, m.topk) == "masked"  # 2x2 regions (stage 3 at 224)
+    assert pick_backend(m.backend, q(8, 64), 64, m.topk) == "indexed"  # 8x8 regions (stage 1 at 224)
+    assert pick_backend(m.backend, q(512, 9), 9, m.topk) == "indexed"  # small regions, but a 400 MB token mask
+    assert pick_backend(g.backend, q(8, 4), 4, g.topk) == "gather"
     assert flex_supported(396, 16) and flex_supported(64, 16)  # large input / large top-k
     assert not flex_supported(64, 1) and not flex_supported(16, 64)  # little to copy / mostly padding
 

@@ -71,9 +71,6 @@ class BiLevelRoutingAttention(TokenMixer):
         self.captured = dict(kind=self.kind, index=index, affinity=affinity, n_win=self.n_win,
                              size=(h, w), cell=(rh, rw))
 
-    def pick_backend(self, q: torch.Tensor, tokens_per_region: int, valid_r: Optional[torch.Tensor] = None) -> str:
-        return pick_backend(self.backend, q, tokens_per_region, self.topk)
-
 
 def pick_backend(backend: str, q: torch.Tensor, tokens_per_region: int, topk: int,
                  max_tokens: int = MASKED_MAX_TOKENS_PER_REGION, max_mask: int = MASKED_MAX_MASK_ELEMENTS) -> str:
