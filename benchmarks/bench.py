@@ -33,20 +33,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from biformer_lit.errors import write_text_atomic  # noqa: E402
+from biformer_lit.speed import peak_memory_mb  # noqa: E402
 
 # The paper's stage shapes for BiFormer-T at 224x224 (batch 8): (name, H, W, C, heads, n_win, topk)
 STAGES = [("stage1 56x56", 56, 56, 64, 2, 7, 1), ("stage2 28x28", 28, 28, 128, 4, 7, 4),
           ("stage3 14x14", 14, 14, 256, 8, 7, 16)]
 # the stage-1 map of a 600x500 image, where the original's memory explodes (batch 1)
 LARGE = ("600x500 stage1 150x125", 150, 125, 64, 2, 7)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: the allocator's peak since the last reset; CPU: the process's peak resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def timed(fn, device, repeats: int) -> float:

@@ -19,7 +19,10 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _peak_rss_mb() -> float:
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: the allocator's peak since the last reset; CPU: the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -62,5 +65,5 @@ def _timed(step, steps: int, warmup: int, batch_size: int, device, cuda: bool) -
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    memory = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else max(0.0, _peak_rss_mb() - before)
+    memory = peak_memory_mb(device) if cuda else max(0.0, peak_memory_mb(device) - before)
     return {"images_per_sec": steps * batch_size / seconds, "peak_memory_mb": memory, "cuda": cuda}
